@@ -1,0 +1,267 @@
+"""Exact surgery: the only code in shrink that changes tensor shapes.
+
+Every function here takes a plan in terms of the model as it is NOW (current layer positions,
+current head/neuron positions), physically removes or factorizes the weights, and appends an op to
+the manifest in `model.config.shrink` (in ORIGINAL layer and head ids, see runtime.py) so the slim
+model can be rebuilt from the original config. Removal is exact: the result equals the original with
+the removed parts gated to zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import BadInputError, UnsupportedModelError
+from . import runtime
+from .runtime import Adapter, LowRankLinear, get_module, set_module
+
+
+def adapter_of(model: nn.Module) -> Adapter:
+    adapter = runtime.adapter_for(model.config)
+    if adapter is None:
+        supported = ", ".join(sorted(runtime.ADAPTERS))
+        raise UnsupportedModelError(
+            f"model type {getattr(model.config, 'model_type', None)!r} is not supported",
+            hint=f"supported types: {supported}",
+        )
+    return adapter
+
+
+def manifest_of(model: nn.Module) -> dict:
+    """The live manifest of a model (created empty on first use)."""
+    manifest = getattr(model.config, "shrink", None)
+    if not manifest:
+        manifest = runtime.new_manifest()
+        model.config.shrink = manifest
+    return manifest
+
+
+def layers_of(model: nn.Module) -> nn.ModuleList:
+    return get_module(runtime.base_model(model), adapter_of(model).layers)
+
+
+def original_layer_ids(model: nn.Module) -> list[int]:
+    adapter = adapter_of(model)
+    return runtime.kept_layer_ids(manifest_of(model), getattr(model.config, adapter.num_layers_attr))
+
+
+def head_size(model: nn.Module) -> int:
+    adapter = adapter_of(model)
+    return getattr(model.config, adapter.hidden_size_attr) // getattr(model.config, adapter.num_heads_attr)
+
+
+def heads_per_layer(model: nn.Module) -> list[int]:
+    adapter, size = adapter_of(model), head_size(model)
+    return [
+        get_module(layer, adapter.query).out_features // size if runtime.layer_has_attention(adapter, layer) else 0
+        for layer in layers_of(model)
+    ]
+
+
+def ffn_per_layer(model: nn.Module) -> list[int]:
+    adapter = adapter_of(model)
+    return [
+        get_module(layer, adapter.ffn_in).out_features if runtime.layer_has_ffn(adapter, layer) else 0
+        for layer in layers_of(model)
+    ]
+
+
+# --- slicing Linear / LowRankLinear along their input or output features -----------------------
+
+
+def _rows(module: nn.Module, index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """State of `module` restricted to output features `index`."""
+    if isinstance(module, LowRankLinear):
+        state = {"first.weight": module.first.weight, "second.weight": module.second.weight[index]}
+        if module.second.bias is not None:
+            state["second.bias"] = module.second.bias[index]
+        return state
+    state = {"weight": module.weight[index]}
+    if module.bias is not None:
+        state["bias"] = module.bias[index]
+    return state
+
+
+def _columns(module: nn.Module, index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """State of `module` restricted to input features `index`."""
+    if isinstance(module, LowRankLinear):
+        state = {"first.weight": module.first.weight[:, index], "second.weight": module.second.weight}
+        if module.second.bias is not None:
+            state["second.bias"] = module.second.bias
+        return state
+    state = {"weight": module.weight[:, index]}
+    if module.bias is not None:
+        state["bias"] = module.bias
+    return state
+
+
+def _load(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        module.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
+
+
+def _check_positions(what: str, positions: list[int], count: int, layer: int) -> list[int]:
+    positions = sorted(set(int(p) for p in positions))
+    bad = [p for p in positions if not 0 <= p < count]
+    if bad:
+        raise BadInputError(f"layer {layer}: {what} {bad} out of range (it has {count})")
+    return positions
+
+
+# --- heads ------------------------------------------------------------------------------------
+
+
+def prune_heads(model: nn.Module, keep: dict[int, list[int]]) -> None:
+    """Keep only the given heads (current positions) in each listed layer (current position).
+    An empty list removes the layer's attention entirely."""
+    adapter, manifest, size = adapter_of(model), manifest_of(model), head_size(model)
+    layers, layer_ids, counts = layers_of(model), original_layer_ids(model), heads_per_layer(model)
+    num_heads = getattr(model.config, adapter.num_heads_attr)
+    for position, kept in sorted(keep.items()):
+        if not 0 <= position < len(layers):
+            raise BadInputError(f"layer {position} out of range (the model has {len(layers)} layers)")
+        kept = _check_positions("heads", kept, counts[position], position)
+        if len(kept) == counts[position]:
+            continue
+        layer, original = layers[position], layer_ids[position]
+        before = runtime.kept_head_ids(manifest, original, num_heads)
+        columns = torch.cat([torch.arange(h * size, (h + 1) * size) for h in kept]) if kept else None
+        if kept:
+            states = {p: _rows(get_module(layer, p), columns) for p in (adapter.query, adapter.key, adapter.value)}
+            states[adapter.attention_out] = _columns(get_module(layer, adapter.attention_out), columns)
+            bias = None
+        else:
+            out = get_module(layer, adapter.attention_out)
+            bias = out.bias.detach().clone() if out.bias is not None else None
+        runtime.reshape_heads(adapter, model.config, layer, [before[h] for h in kept])
+        if kept:
+            for path, state in states.items():
+                _load(get_module(layer, path), state)
+        elif bias is not None:
+            with torch.no_grad():
+                get_module(layer, adapter.attention_block).bias.copy_(bias)
+        manifest["ops"].append({"op": "heads", "layer": original, "keep": [before[h] for h in kept]})
+
+
+# --- FFN neurons --------------------------------------------------------------------------------
+
+
+def prune_ffn(model: nn.Module, keep: dict[int, list[int]]) -> None:
+    """Keep only the given FFN neurons (current positions) in each listed layer (current position).
+    An empty list removes the layer's FFN entirely."""
+    adapter, manifest = adapter_of(model), manifest_of(model)
+    layers, layer_ids, sizes = layers_of(model), original_layer_ids(model), ffn_per_layer(model)
+    for position, kept in sorted(keep.items()):
+        if not 0 <= position < len(layers):
+            raise BadInputError(f"layer {position} out of range (the model has {len(layers)} layers)")
+        kept = _check_positions("FFN neurons", kept, sizes[position], position)
+        if len(kept) == sizes[position]:
+            continue
+        layer = layers[position]
+        ffn_in, ffn_out = get_module(layer, adapter.ffn_in), get_module(layer, adapter.ffn_out)
+        if kept:
+            index = torch.tensor(kept, dtype=torch.long)
+            state_in, state_out = _rows(ffn_in, index), _columns(ffn_out, index)
+            runtime.reshape_ffn(adapter, model.config, layer, len(kept))
+            _load(get_module(layer, adapter.ffn_in), state_in)
+            _load(get_module(layer, adapter.ffn_out), state_out)
+        else:
+            bias = ffn_out.bias if not isinstance(ffn_out, LowRankLinear) else ffn_out.second.bias
+            bias = bias.detach().clone() if bias is not None else None
+            runtime.reshape_ffn(adapter, model.config, layer, 0)
+            if bias is not None:
+                with torch.no_grad():
+                    get_module(layer, adapter.ffn_blocks[-1]).bias.copy_(bias)
+        manifest["ops"].append({"op": "ffn", "layer": layer_ids[position], "size": len(kept)})
+
+
+# --- layers -------------------------------------------------------------------------------------
+
+
+def drop_layers(model: nn.Module, positions: list[int]) -> None:
+    """Remove whole layers (current positions); the residual stream passes through unchanged."""
+    adapter, manifest = adapter_of(model), manifest_of(model)
+    layer_ids = original_layer_ids(model)
+    positions = _check_positions("layers", positions, len(layer_ids), -1) if positions else []
+    if not positions:
+        return
+    runtime.remove_layers(adapter, model, positions)
+    manifest["ops"].append({"op": "drop_layers", "layers": [layer_ids[p] for p in positions]})
+
+
+# --- low rank -----------------------------------------------------------------------------------
+
+
+def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-r factors (first: r x in, second: out x r) of weight (out x in), energy split evenly."""
+    u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    first = (root[:, None] * vh[:rank]).to(weight.dtype)
+    second = (u[:, :rank] * root[None, :]).to(weight.dtype)
+    return first, second
+
+
+def factorize_linear(model: nn.Module, path: str, rank: int, factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Replace the Linear at `path` (relative to the base model, current layer positions) by a rank-r
+    pair. `factors` (first, second) lets a method supply its own (e.g. activation-weighted) factors;
+    by default the truncated SVD is used."""
+    adapter, manifest = adapter_of(model), manifest_of(model)
+    base = runtime.base_model(model)
+    try:
+        old = get_module(base, path)
+    except AttributeError:
+        raise BadInputError(f"no module named {path!r} in the model") from None
+    if not isinstance(old, nn.Linear):
+        raise BadInputError(f"{path!r} is a {type(old).__name__}, not a Linear")
+    if not 1 <= rank <= min(old.in_features, old.out_features):
+        raise BadInputError(f"rank {rank} out of range for {path!r} ({old.out_features}x{old.in_features})")
+    first, second = factors if factors is not None else svd_factors(old.weight, rank)
+    new = LowRankLinear(old.in_features, old.out_features, rank, bias=old.bias is not None)
+    new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+    state = {"first.weight": first, "second.weight": second}
+    if old.bias is not None:
+        state["second.bias"] = old.bias
+    _load(new, state)
+    set_module(base, path, new)
+
+    prefix = adapter.layers + "."
+    if path.startswith(prefix):
+        position, _, inner = path[len(prefix):].partition(".")
+        op = {"op": "low_rank", "layer": original_layer_ids(model)[int(position)], "module": inner, "rank": rank}
+    else:
+        op = {"op": "low_rank", "layer": None, "module": path, "rank": rank}
+    manifest["ops"].append(op)
+
+
+# --- word embeddings ----------------------------------------------------------------------------
+
+
+def replace_word_embeddings(model: nn.Module, module: nn.Module, kind: str, spec: dict) -> None:
+    """Install a new word-embedding module of a kind runtime.EMBEDDING_BUILDERS knows, so that the
+    slim checkpoint can rebuild it. The caller fills its weights."""
+    adapter, manifest = adapter_of(model), manifest_of(model)
+    if kind not in runtime.EMBEDDING_BUILDERS:
+        raise BadInputError(f"unknown embedding kind {kind!r}", hint=f"known: {sorted(runtime.EMBEDDING_BUILDERS)}")
+    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        raise UnsupportedModelError(
+            "this model ties its output layer to the word embeddings; replacing them is not supported",
+            hint="use the base model (e.g. BertModel) or a task head without tied embeddings",
+        )
+    set_module(runtime.base_model(model), adapter.word_embeddings, module)
+    manifest["ops"].append({"op": "embedding", "kind": kind, "spec": dict(spec)})
+
+
+def factorize_word_embeddings(model: nn.Module, rank: int) -> None:
+    """Word embeddings as vocab x rank codes times a rank x dim projection, from the truncated SVD."""
+    adapter = adapter_of(model)
+    old = get_module(runtime.base_model(model), adapter.word_embeddings)
+    if not isinstance(old, nn.Embedding):
+        raise BadInputError(f"word embeddings are already replaced ({type(old).__name__})")
+    if not 1 <= rank <= min(old.num_embeddings, old.embedding_dim):
+        raise BadInputError(f"embedding rank {rank} out of range (1..{min(old.num_embeddings, old.embedding_dim)})")
+    new = runtime.build_embedding("factorized", {"rank": rank}, old)
+    # weight (vocab x dim) = codes (vocab x r) @ proj^T (r x dim)
+    first, second = svd_factors(old.weight.T, rank)  # old.weight.T (dim x vocab) ~ second @ first
+    _load(new, {"codes.weight": first.T, "proj.weight": second})
+    replace_word_embeddings(model, new, "factorized", {"rank": rank})

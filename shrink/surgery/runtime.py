@@ -1,0 +1,421 @@
+"""What a slim model is made of, and how to rebuild one from its manifest.
+
+This file imports only torch and transformers, on purpose: it is copied verbatim into every slim
+checkpoint as `modeling_shrink.py`, so `AutoModel.from_pretrained(dir, trust_remote_code=True)` works
+on a machine without shrink. shrink itself uses the same code (`shrink.load`), so both paths rebuild
+the same modules.
+
+It holds three things:
+1. `ADAPTERS`: for each supported architecture family, where it keeps layers, attention projections,
+   FFN and embeddings. Nothing else in shrink hard-codes a module path.
+2. Replacement modules: a layer with no heads left, an FFN with no neurons left, a rank-r Linear and a
+   factorized word embedding.
+3. `apply_manifest(model, manifest)`: replays the recorded operations on a freshly built original
+   architecture so that every tensor has the slim shape; the weights are then loaded strictly.
+
+Manifest (the `shrink` section of config.json):
+    {"format_version": 1, "ops": [op, ...], ...provenance...}
+Layer numbers in ops are ORIGINAL layer indices, so an op stays meaningful after layers are dropped.
+    {"op": "heads", "layer": 3, "keep": [0, 2, 5]}     kept original head ids (ascending)
+    {"op": "ffn", "layer": 3, "size": 912}              FFN width after the op
+    {"op": "drop_layers", "layers": [4, 5]}
+    {"op": "low_rank", "layer": 0, "module": "intermediate.dense", "rank": 64}
+        (layer null: "module" is a path from the base model, e.g. "pooler.dense")
+    {"op": "embedding", "kind": "factorized", "spec": {"rank": 64}}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+MANIFEST_FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Architecture adapters
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where one architecture family keeps its parts. Paths inside a layer are relative to it."""
+
+    family: str
+    model_types: tuple[str, ...]
+    layers: str  # ModuleList of layers, relative to the base model
+    self_attention: str  # module holding q/k/v (its head-count attributes get updated)
+    query: str
+    key: str
+    value: str
+    attention_out: str  # output projection: its input is the concatenation of heads
+    attention_block: str  # what a headless layer replaces
+    attention_norm: str | None  # LayerNorm applied to (attention + residual) inside attention_block
+    attention_returns: str  # "pair" -> (out, weights); "tuple" -> (out,)
+    ffn_in: str
+    ffn_out: str  # its input is the FFN activations (one column per neuron)
+    ffn_blocks: tuple[str, ...]  # what an FFN with no neurons replaces, in order
+    ffn_norm: str | None  # LayerNorm applied to (ffn + residual) inside the FFN output block
+    word_embeddings: str
+    num_heads_attr: str
+    num_layers_attr: str
+    ffn_size_attr: str
+    hidden_size_attr: str
+    max_positions_attr: str = "max_position_embeddings"
+    uses_token_type_ids: bool = True
+
+
+_BERT_LIKE = dict(
+    layers="encoder.layer",
+    self_attention="attention.self",
+    query="attention.self.query",
+    key="attention.self.key",
+    value="attention.self.value",
+    attention_out="attention.output.dense",
+    attention_block="attention",
+    attention_norm="attention.output.LayerNorm",
+    attention_returns="pair",
+    ffn_in="intermediate.dense",
+    ffn_out="output.dense",
+    ffn_blocks=("intermediate", "output"),
+    ffn_norm="output.LayerNorm",
+    word_embeddings="embeddings.word_embeddings",
+    num_heads_attr="num_attention_heads",
+    num_layers_attr="num_hidden_layers",
+    ffn_size_attr="intermediate_size",
+    hidden_size_attr="hidden_size",
+)
+
+ADAPTERS: dict[str, Adapter] = {
+    "bert": Adapter(family="bert", model_types=("bert",), **_BERT_LIKE),
+    "roberta": Adapter(family="roberta", model_types=("roberta",), **_BERT_LIKE),
+    "xlm-roberta": Adapter(family="xlm-roberta", model_types=("xlm-roberta",), **_BERT_LIKE),
+    "electra": Adapter(family="electra", model_types=("electra",), **_BERT_LIKE),
+    "distilbert": Adapter(
+        family="distilbert",
+        model_types=("distilbert",),
+        layers="transformer.layer",
+        self_attention="attention",
+        query="attention.q_lin",
+        key="attention.k_lin",
+        value="attention.v_lin",
+        attention_out="attention.out_lin",
+        attention_block="attention",
+        attention_norm=None,  # the block applies sa_layer_norm itself
+        attention_returns="pair",
+        ffn_in="ffn.lin1",
+        ffn_out="ffn.lin2",
+        ffn_blocks=("ffn",),
+        ffn_norm=None,  # the block applies output_layer_norm itself
+        word_embeddings="embeddings.word_embeddings",
+        num_heads_attr="n_heads",
+        num_layers_attr="n_layers",
+        ffn_size_attr="hidden_dim",
+        hidden_size_attr="dim",
+        uses_token_type_ids=False,
+    ),
+    "mpnet": Adapter(
+        family="mpnet",
+        model_types=("mpnet",),
+        layers="encoder.layer",
+        self_attention="attention.attn",
+        query="attention.attn.q",
+        key="attention.attn.k",
+        value="attention.attn.v",
+        attention_out="attention.attn.o",
+        attention_block="attention",
+        attention_norm="attention.LayerNorm",
+        attention_returns="tuple",
+        ffn_in="intermediate.dense",
+        ffn_out="output.dense",
+        ffn_blocks=("intermediate", "output"),
+        ffn_norm="output.LayerNorm",
+        word_embeddings="embeddings.word_embeddings",
+        num_heads_attr="num_attention_heads",
+        num_layers_attr="num_hidden_layers",
+        ffn_size_attr="intermediate_size",
+        hidden_size_attr="hidden_size",
+        uses_token_type_ids=False,
+    ),
+}
+
+
+def adapter_for(config) -> Adapter | None:
+    """The adapter for a config's model_type, or None when the family is not supported."""
+    return ADAPTERS.get(getattr(config, "model_type", None))
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(get_module(root, parent_path), name, module)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The encoder without task head (BertModel inside BertForSequenceClassification, ...)."""
+    return getattr(model, "base_model", model)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Replacement modules
+# ---------------------------------------------------------------------------------------------
+
+
+class LowRankLinear(nn.Module):
+    """y = second(first(x)): a Linear factorized into rank `rank` (first has no bias)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.first = nn.Linear(in_features, rank, bias=False)
+        self.second = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+class HeadlessAttention(nn.Module):
+    """An attention block whose heads were all removed: the output projection contributes only its
+    bias, so the block is norm(hidden + bias) (or just bias where the caller adds the residual)."""
+
+    def __init__(self, hidden_size: int, norm: nn.LayerNorm | None, returns: str):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        self.norm = norm
+        self.returns = returns
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.norm is not None:
+            out = self.norm(hidden_states + self.bias)
+        else:
+            out = self.bias.expand_as(hidden_states)
+        return (out, None) if self.returns == "pair" else (out,)
+
+
+class PassThrough(nn.Module):
+    """Stands in for an FFN's first half when no neuron is left: nothing to compute."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+
+class NeuronlessFFNOutput(nn.Module):
+    """An FFN output block with no neurons left: norm(residual + bias), or just the bias where the
+    caller adds the residual and the norm (distilbert)."""
+
+    def __init__(self, hidden_size: int, norm: nn.LayerNorm | None):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        self.norm = norm
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor | None = None):
+        if self.norm is None:
+            return self.bias.expand_as(hidden_states)
+        return self.norm(input_tensor + self.bias)
+
+
+class FactorizedEmbedding(nn.Module):
+    """A vocab x dim embedding stored as vocab x rank codes times a rank x dim projection."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
+        self.padding_idx = padding_idx
+        self.codes = nn.Embedding(num_embeddings, rank, padding_idx=padding_idx)
+        self.proj = nn.Linear(rank, embedding_dim, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.codes(input_ids))
+
+
+# Embedding kinds a manifest may name. Each builder gets (spec, num_embeddings, dim, padding_idx)
+# and returns an empty module of the right shapes. New kinds (codes, binary) register here.
+EMBEDDING_BUILDERS = {
+    "factorized": lambda spec, n, d, pad: FactorizedEmbedding(n, d, int(spec["rank"]), pad),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Structural operations (shapes only) and manifest replay
+# ---------------------------------------------------------------------------------------------
+
+
+def new_manifest() -> dict:
+    return {"format_version": MANIFEST_FORMAT_VERSION, "ops": []}
+
+
+def kept_layer_ids(manifest: dict, num_layers: int) -> list[int]:
+    """Original indices of the layers still present, in order."""
+    dropped = {i for op in manifest.get("ops", []) if op["op"] == "drop_layers" for i in op["layers"]}
+    return [i for i in range(num_layers) if i not in dropped]
+
+
+def kept_head_ids(manifest: dict, original_layer: int, num_heads: int) -> list[int]:
+    """Original head ids still present in a layer."""
+    keep = list(range(num_heads))
+    for op in manifest.get("ops", []):
+        if op["op"] == "heads" and op["layer"] == original_layer:
+            keep = list(op["keep"])
+    return keep
+
+
+def set_head_count(attention: nn.Module, num_heads: int, head_size: int) -> None:
+    """Keep the bookkeeping attributes of an attention module true after its heads change."""
+    for attr in ("num_attention_heads", "n_heads"):
+        if hasattr(attention, attr):
+            setattr(attention, attr, num_heads)
+    if hasattr(attention, "all_head_size"):
+        attention.all_head_size = num_heads * head_size
+
+
+def _slice_position_bias(module, args, kwargs):
+    """MPNet shares one relative-position bias (one row per ORIGINAL head) across layers; a layer
+    with fewer heads must see only the rows of the heads it kept."""
+    if "position_bias" in kwargs and kwargs["position_bias"] is not None:
+        bias = kwargs["position_bias"]
+        kwargs["position_bias"] = bias.index_select(1, torch.tensor(module.shrink_head_ids, device=bias.device))
+    elif len(args) > 2 and args[2] is not None:
+        ids = torch.tensor(module.shrink_head_ids, device=args[2].device)
+        args = (*args[:2], args[2].index_select(1, ids), *args[3:])
+    return args, kwargs
+
+
+def install_head_selection(adapter: Adapter, layer: nn.Module, keep: list[int]) -> None:
+    """Architectures with per-head inputs computed outside the layer (MPNet's position bias) need
+    to know which original heads a layer kept. A plain attribute, not a buffer: it is structure
+    (rebuilt from the manifest), not a weight."""
+    if adapter.family != "mpnet":
+        return
+    attention = get_module(layer, adapter.self_attention)
+    if not hasattr(attention, "shrink_head_ids"):
+        attention.register_forward_pre_hook(_slice_position_bias, with_kwargs=True)
+    attention.shrink_head_ids = list(keep)
+
+
+def _empty_linear_like(old: nn.Module, in_features: int, out_features: int) -> nn.Module:
+    """A module of `old`'s kind (Linear or LowRankLinear) with new in/out sizes, left for the caller
+    (or a checkpoint) to fill."""
+    device = next(old.parameters()).device
+    dtype = next(old.parameters()).dtype
+    if isinstance(old, LowRankLinear):
+        new = LowRankLinear(in_features, out_features, old.rank, bias=old.second.bias is not None)
+    else:
+        new = nn.Linear(in_features, out_features, bias=old.bias is not None)
+    return new.to(device=device, dtype=dtype)
+
+
+def headless_attention_for(adapter: Adapter, layer: nn.Module, hidden_size: int) -> HeadlessAttention:
+    norm = get_module(layer, adapter.attention_norm) if adapter.attention_norm else None
+    device = next(layer.parameters()).device
+    return HeadlessAttention(hidden_size, norm, adapter.attention_returns).to(device)
+
+
+def neuronless_ffn_for(adapter: Adapter, layer: nn.Module, hidden_size: int) -> list[nn.Module]:
+    """Replacements for adapter.ffn_blocks, in the same order."""
+    norm = get_module(layer, adapter.ffn_norm) if adapter.ffn_norm else None
+    device = next(layer.parameters()).device
+    out = NeuronlessFFNOutput(hidden_size, norm).to(device)
+    return [PassThrough(), out] if len(adapter.ffn_blocks) == 2 else [out]
+
+
+def layer_has_attention(adapter: Adapter, layer: nn.Module) -> bool:
+    return not isinstance(get_module(layer, adapter.attention_block), HeadlessAttention)
+
+
+def layer_has_ffn(adapter: Adapter, layer: nn.Module) -> bool:
+    return not isinstance(get_module(layer, adapter.ffn_blocks[-1]), NeuronlessFFNOutput)
+
+
+def reshape_heads(adapter: Adapter, config, layer: nn.Module, keep: list[int]) -> None:
+    """Give a layer's attention the shapes of `keep` heads (weights left unset)."""
+    hidden = getattr(config, adapter.hidden_size_attr)
+    head_size = hidden // getattr(config, adapter.num_heads_attr)
+    if not keep:
+        set_module(layer, adapter.attention_block, headless_attention_for(adapter, layer, hidden))
+        return
+    width = len(keep) * head_size
+    for path in (adapter.query, adapter.key, adapter.value):
+        old = get_module(layer, path)
+        set_module(layer, path, _empty_linear_like(old, old.in_features, width))
+    old = get_module(layer, adapter.attention_out)
+    set_module(layer, adapter.attention_out, _empty_linear_like(old, width, old.out_features))
+    set_head_count(get_module(layer, adapter.self_attention), len(keep), head_size)
+    install_head_selection(adapter, layer, keep)
+
+
+def reshape_ffn(adapter: Adapter, config, layer: nn.Module, size: int) -> None:
+    """Give a layer's FFN `size` neurons (weights left unset)."""
+    if size == 0:
+        hidden = getattr(config, adapter.hidden_size_attr)
+        for path, module in zip(adapter.ffn_blocks, neuronless_ffn_for(adapter, layer, hidden)):
+            set_module(layer, path, module)
+        return
+    old_in, old_out = get_module(layer, adapter.ffn_in), get_module(layer, adapter.ffn_out)
+    set_module(layer, adapter.ffn_in, _empty_linear_like(old_in, old_in.in_features, size))
+    set_module(layer, adapter.ffn_out, _empty_linear_like(old_out, size, old_out.out_features))
+
+
+def remove_layers(adapter: Adapter, model: nn.Module, positions: list[int]) -> None:
+    """Remove layers at CURRENT positions from the layer list."""
+    layers = get_module(base_model(model), adapter.layers)
+    gone = set(positions)
+    set_module(base_model(model), adapter.layers, nn.ModuleList([m for i, m in enumerate(layers) if i not in gone]))
+
+
+def low_rank_target(adapter: Adapter, model: nn.Module, manifest: dict, op: dict) -> tuple[nn.Module, str]:
+    """(root, path) of the Linear a low_rank op refers to."""
+    base = base_model(model)
+    if op.get("layer") is None:
+        return base, op["module"]
+    layer_ids = kept_layer_ids(manifest, getattr(model.config, adapter.num_layers_attr))
+    layers = get_module(base, adapter.layers)
+    return layers[layer_ids.index(op["layer"])], op["module"]
+
+
+def build_embedding(kind: str, spec: dict, old: nn.Embedding) -> nn.Module:
+    if kind not in EMBEDDING_BUILDERS:
+        raise ValueError(f"unknown embedding kind {kind!r}; known: {sorted(EMBEDDING_BUILDERS)}")
+    module = EMBEDDING_BUILDERS[kind](spec, old.num_embeddings, old.embedding_dim, old.padding_idx)
+    return module.to(old.weight.device)
+
+
+def apply_manifest(model: nn.Module, manifest: dict) -> None:
+    """Replay every recorded op on a model built from the ORIGINAL config, giving it the slim shapes.
+    Weights are not restored here; load the checkpoint afterwards, strictly."""
+    version = manifest.get("format_version", 0)
+    if version > MANIFEST_FORMAT_VERSION:
+        raise ValueError(
+            f"this checkpoint uses shrink manifest format {version}, newer than {MANIFEST_FORMAT_VERSION}"
+        )
+    config = model.config
+    adapter = adapter_for(config)
+    if adapter is None:
+        raise ValueError(f"unsupported model_type {getattr(config, 'model_type', None)!r}")
+    num_layers = getattr(config, adapter.num_layers_attr)
+    replayed = {"format_version": version, "ops": []}  # the manifest as of each op
+    for op in manifest.get("ops", []):
+        layer_ids = kept_layer_ids(replayed, num_layers)
+        layers = get_module(base_model(model), adapter.layers)
+        kind = op["op"]
+        if kind == "heads":
+            reshape_heads(adapter, config, layers[layer_ids.index(op["layer"])], list(op["keep"]))
+        elif kind == "ffn":
+            reshape_ffn(adapter, config, layers[layer_ids.index(op["layer"])], int(op["size"]))
+        elif kind == "drop_layers":
+            remove_layers(adapter, model, [layer_ids.index(i) for i in op["layers"]])
+        elif kind == "low_rank":
+            root, path = low_rank_target(adapter, model, replayed, op)
+            old = get_module(root, path)
+            new = LowRankLinear(old.in_features, old.out_features, int(op["rank"]), bias=old.bias is not None)
+            set_module(root, path, new.to(old.weight.device))
+        elif kind == "embedding":
+            path = adapter.word_embeddings
+            set_module(base_model(model), path, build_embedding(op["kind"], op.get("spec", {}), get_module(base_model(model), path)))
+        else:
+            raise ValueError(f"unknown manifest op {kind!r}")
+        replayed["ops"].append(op)
