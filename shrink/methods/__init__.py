@@ -1,0 +1,3 @@
+"""Built-in methods; importing this package registers them (see shrink.registry)."""
+
+from . import heads_astar, recovery  # noqa: F401
