@@ -1,40 +1,75 @@
-"""shrink recipes: list the built-in recipes."""
+"""shrink recipes [NAME]: list the built-in recipes, or show one with every option and its default."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from ..console import out, print_json
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
+def describe_recipe(name: str) -> dict:
+    """A recipe's steps with the full option and target values (defaults filled in) and their help."""
+    from ..recipe import load_recipe
+    from ..registry import get_method
 
-def builtin_recipes() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+    recipe = load_recipe(name)
+    steps = []
+    for step in recipe.steps:
+        method = get_method(step.method)
+        fields = {}
+        for part, model in (("target", method.target), ("options", method.options)):
+            for key, info in model.model_fields.items():
+                fields[f"{part}.{key}"] = {
+                    "value": getattr(step, part).get(key),
+                    "default": None if info.is_required() else info.get_default(call_default_factory=True),
+                    "help": info.description or "",
+                }
+        steps.append({"method": step.method, "description": method.description, "fields": fields})
+    return {"name": recipe.name, "description": recipe.description, "file": recipe.source, "steps": steps}
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def recipes(
+        name: Annotated[Optional[str], typer.Argument(help="Show this recipe's steps and options.")] = None,
         json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     ) -> None:
-        """List the built-in recipes."""
+        """List the built-in recipes, or show one recipe's steps with options and defaults."""
         from ..cli import cli_errors
 
         with cli_errors():
+            if name is not None:
+                detail = describe_recipe(name)
+                print_json(detail) if json_output else show_recipe(detail)
+                return
             import yaml
 
+            from ..recipe import builtin_recipes
+
             found = {}
-            for name, path in builtin_recipes().items():
+            for recipe_name, path in builtin_recipes().items():
                 data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-                found[name] = data.get("description", "")
+                found[recipe_name] = data.get("description", "")
             if json_output:
                 print_json({"recipes": found})
             elif not found:
-                out.print("no built-in recipes yet")
+                out.print("no built-in recipes")
             else:
-                for name, description in found.items():
-                    out.print(f"[bold]{name}[/bold]  {description}")
+                for recipe_name, description in found.items():
+                    out.print(f"[bold]{recipe_name}[/bold]  {description}")
+
+
+def show_recipe(detail: dict) -> None:
+    from rich.table import Table
+
+    out.print(f"[bold]{detail['name']}[/bold]  {detail['description']}")
+    out.print(f"file: {detail['file']}")
+    for i, step in enumerate(detail["steps"]):
+        table = Table(title=f"step {i}: {step['method']} ({step['description']})", show_edge=False, title_justify="left")
+        for col in ("key", "value", "default", "meaning"):
+            table.add_column(col)
+        for key, field in step["fields"].items():
+            table.add_row(f"steps.{i}.{key}", repr(field["value"]), repr(field["default"]), field["help"])
+        out.print(table)

@@ -59,11 +59,11 @@ class HeadsTarget(Strict):
 
 
 class AStarOptions(Strict):
-    calibration_samples: int = Field(64, ge=1, description="calibration examples the search scores on")
+    calibration_samples: int = Field(32, ge=1, description="calibration examples the search scores on")
     max_length: int = Field(64, ge=8, description="tokens per calibration example")
     batch_size: int = Field(32, ge=1)
-    branching: int = Field(8, ge=1, description="children per expanded node (lowest importance first)")
-    max_evaluations: int = Field(400, ge=1, description="exact mask evaluations for the search (soft)")
+    branching: int = Field(6, ge=1, description="children per expanded node (lowest importance first)")
+    max_evaluations: int = Field(300, ge=1, description="exact mask evaluations for the search (soft)")
     masks_per_pass: int = Field(8, ge=1, description="candidate masks scored in one forward pass")
     cache_size: int = Field(16, ge=0, description="scored masks whose layer outputs are kept for reuse")
     scale_cap: float = Field(4.0, ge=1, description="upper bound of the interaction factor rho")
