@@ -22,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COMMANDS = ["info", "recipes"]
+COMMANDS = ["info", "recipes", "prune", "eval"]
 
 
 def _version(value: bool) -> None:

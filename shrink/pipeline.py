@@ -1,0 +1,247 @@
+"""`shrink prune`: load -> data -> recipe steps (plan -> surgery) -> slim checkpoint + ONNX + report.
+
+Data flows one way. Methods plan (what to remove) and only shrink.surgery changes shapes. Everything
+is written into a temporary directory that replaces the output directory in one rename at the end,
+so an error or Ctrl-C leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .console import note
+from .errors import BadInputError, GateFailedError
+from .recipe import Recipe, load_recipe, validated
+from .registry import Context, Plan
+
+
+@dataclass
+class PruneSettings:
+    data: str | None = None  # None: the bundled calibration corpus
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    eval_fraction: float = 0.2
+    max_samples: int = 1024  # calibration examples used for training/recovery
+    eval_samples: int = 512  # held-out examples the report's quality figures use
+    max_length: int = 128
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "cpu"
+    export: bool = True
+    overwrite: bool = False
+    overrides: list[str] = field(default_factory=list)
+    max_quality_drop: float | None = None
+    min_speedup: float | None = None
+
+
+def load_recipes(refs: list[str], overrides: list[str]) -> list[Recipe]:
+    """Load each recipe; with several recipes an override must name its recipe first
+    (`heads-a-star.steps.0.target.heads_fraction=0.3`)."""
+    if not refs:
+        raise BadInputError("no recipe given", hint="pass --recipe NAME (see `shrink recipes`)")
+    if len(refs) == 1:
+        return [load_recipe(refs[0], overrides)]
+    names = [Path(r).stem for r in refs]
+    for override in overrides:
+        if override.split(".", 1)[0] not in names:
+            raise BadInputError(f"--set {override}: with several recipes, start the key with a recipe name ({', '.join(names)})")
+    return [
+        load_recipe(ref, [o.split(".", 1)[1] for o in overrides if o.split(".", 1)[0] == name])
+        for ref, name in zip(refs, names)
+    ]
+
+
+def default_output(model_ref: str, recipes: list[Recipe]) -> Path:
+    from .hub import display_name
+
+    return Path(f"{display_name(model_ref)}-{'+'.join(r.name for r in recipes)}")
+
+
+def apply_plan(model, plan: Plan) -> None:
+    from . import surgery
+
+    if plan.heads:
+        surgery.prune_heads(model, plan.heads)
+    if plan.ffn:
+        surgery.prune_ffn(model, plan.ffn)
+    if plan.drop_layers:
+        surgery.drop_layers(model, plan.drop_layers)
+
+
+def structure(model) -> dict:
+    from .info import describe
+
+    summary = describe(model)
+    keys = ("num_layers", "original_layers", "heads_per_layer", "ffn_per_layer", "params", "params_total")
+    return {k: summary[k] for k in keys}
+
+
+def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None, settings: PruneSettings | None = None) -> dict:
+    """Run the recipe chain on a model and write the slim checkpoint, ONNX and report. Returns the report."""
+    import torch
+
+    from .data import make_batches, read_examples, split_examples
+    from .distill import choose_objective
+    from .hub import load_model, load_tokenizer, resolve
+    from .slim import atomic_directory, check_output_dir
+
+    settings = settings or PruneSettings()
+    started = time.perf_counter()
+    recipes = load_recipes(recipe_refs, settings.overrides)
+    out = Path(out) if out else default_output(model_ref, recipes)
+    resolved = resolve(model_ref)
+    check_output_dir(out, settings.overwrite, [Path(resolved)] if Path(resolved).is_dir() else [])
+    torch.manual_seed(settings.seed)
+    random.seed(settings.seed)
+
+    model = load_model(model_ref, device=settings.device)
+    tokenizer = load_tokenizer(model_ref)
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    examples = read_examples(settings.data, settings.text_column, settings.text_pair_column, settings.label_column)
+    calibration, held_out = split_examples(examples, settings.eval_fraction, settings.seed)
+    has_labels = examples.labels is not None
+    steps = [(recipe, step, *validated(step)) for recipe in recipes for step in recipe.steps]
+    for recipe, step, method, _, _ in steps:
+        if method.needs_labels and not has_labels:
+            raise BadInputError(
+                f"recipe {recipe.name}: method {method.name} needs labeled data",
+                hint="pass --data FILE with --label-column",
+            )
+
+    def batches(ex, samples, max_length, batch_size):
+        return make_batches(
+            tokenizer, ex, max_length=max_length, batch_size=batch_size, max_samples=samples,
+            label_ids=model if has_labels else None, seed=settings.seed,
+        )
+
+    train = batches(calibration, settings.max_samples, settings.max_length, settings.batch_size)
+    evaluation = batches(held_out, settings.eval_samples, settings.max_length, settings.batch_size)
+    objective = choose_objective(model, teacher, has_labels)
+    ctx = Context(
+        model=model,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        calibration=train,
+        calibration_batches=lambda n, length, size: batches(calibration, n, length, size),
+        evaluation=evaluation,
+        objective=objective,
+        has_labels=has_labels,
+        device=settings.device,
+        seed=settings.seed,
+    )
+    quality_before = quality(teacher, evaluation, teacher)
+    before = structure(model)
+
+    step_reports = []
+    for recipe, step, method, options, target in steps:
+        note(f"[bold]{recipe.name}[/bold]: {method.name}")
+        step_started = time.perf_counter()
+        result = method.fn(ctx, target, options)
+        if result.plan is not None:
+            apply_plan(model, result.plan)
+        model.eval()
+        step_reports.append({
+            "recipe": recipe.name,
+            "method": method.name,
+            "target": step.target,
+            "options": step.options,
+            "seconds": round(time.perf_counter() - step_started, 2),
+            "stats": result.stats,
+            "structure_after": structure(model),
+        })
+    quality_after = quality(model, evaluation, teacher)
+
+    report = {
+        "model": model_ref,
+        "recipes": [r.name for r in recipes],
+        "output": str(out.resolve()),
+        "seed": settings.seed,
+        "data": settings.data or "bundled corpus",
+        "calibration_examples": len(calibration.texts),
+        "eval_examples": min(len(held_out.texts), settings.eval_samples),
+        "objective": objective.name,
+        "before": before,
+        "after": structure(model),
+        "quality": {"before": quality_before, "after": quality_after},
+        "steps": step_reports,
+    }
+    manifest_extra = {
+        "source": model_ref,
+        "recipes": [{"name": r.name, "steps": [s.model_dump() for s in r.steps]} for r in recipes],
+    }
+    from .slim import write_checkpoint
+
+    with atomic_directory(out, settings.overwrite) as tmp:
+        write_checkpoint(model, tmp, tokenizer, manifest_extra)
+        if settings.export:
+            report["onnx"] = export_and_bench(teacher, model, tmp, tokenizer, evaluation)
+        report["seconds_total"] = round(time.perf_counter() - started, 1)
+        from .prune_report import write_prune_report
+
+        write_prune_report(report, tmp)
+    return report
+
+
+def quality(model, batches, teacher) -> dict:
+    """The held-out figures the report compares: task metric when labels exist, fidelity always."""
+    from .evaluate import evaluate
+
+    return evaluate(model, batches, teacher=teacher)
+
+
+def export_and_bench(teacher, model, directory: Path, tokenizer, evaluation) -> dict:
+    """model.onnx (parity-gated) for the slim model, and ONNX Runtime latency of original vs slim,
+    interleaved in one run (b=1, s=128, one thread)."""
+    import tempfile
+
+    from .bench import bench
+    from .export import export_onnx
+
+    slim = export_onnx(model, directory / "model.onnx", tokenizer=tokenizer, parity_batches=evaluation[:2])
+    with tempfile.TemporaryDirectory() as scratch:
+        original = export_onnx(teacher, Path(scratch) / "original.onnx", tokenizer=tokenizer, parity_batches=evaluation[:1])
+        latency = bench([original["path"], slim["path"]], batch_sizes=(1,), seq_lengths=(128,), threads=1)
+    return {"export": slim, "original_export": original, "bench": latency}
+
+
+def primary_quality(q: dict) -> tuple[str, float] | None:
+    """The one number --max-quality-drop compares: accuracy with labels, else fidelity."""
+    for key in ("accuracy", "spearman", "embedding_cosine", "top1_agreement"):
+        if q.get(key) is not None:
+            return key, float(q[key])
+    return None
+
+
+def speedup(report: dict) -> float | None:
+    try:
+        rows = report["onnx"]["bench"]["results"]
+        return float(rows[1]["speedup"])
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def check_gates(report: dict, settings: PruneSettings) -> None:
+    """CI gates, checked after everything is written: GateFailedError (exit 1) names each miss."""
+    failures = []
+    if settings.max_quality_drop is not None:
+        before, after = primary_quality(report["quality"]["before"]), primary_quality(report["quality"]["after"])
+        if before and after:
+            drop = before[1] - after[1]
+            if drop > settings.max_quality_drop:
+                failures.append(f"{before[0]} dropped by {drop:.4f} (> {settings.max_quality_drop})")
+    if settings.min_speedup is not None:
+        measured = speedup(report)
+        if measured is None:
+            failures.append("no speedup was measured (did you pass --no-export?)")
+        elif measured < settings.min_speedup:
+            failures.append(f"speedup {measured:.2f}x is below {settings.min_speedup}x")
+    if failures:
+        raise GateFailedError("gate failed: " + "; ".join(failures) + f" (outputs written to {report['output']})")
