@@ -137,10 +137,19 @@ def model_class(config):
     return base
 
 
+def quiet_transformers() -> None:
+    """Our own progress bars and notes replace transformers' per-file bars and load reports."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def load_model(ref: str, device: str = "cpu"):
     """The model for `ref`, in eval mode, float32."""
     import torch
 
+    quiet_transformers()
     config = load_config(ref)
     resolved = resolve(ref)
     if getattr(config, "shrink", None):

@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
         label_column: Annotated[Optional[str], typer.Option(help="Label column (enables the task loss and accuracy).")] = None,
         eval_fraction: Annotated[float, typer.Option(min=0.01, max=0.9, help="Held-out share of the data for the report.")] = 0.2,
         max_samples: Annotated[int, typer.Option(min=1, help="Calibration examples used for training/recovery.")] = 1024,
+        eval_samples: Annotated[int, typer.Option(min=1, help="Held-out examples the report's quality figures use.")] = 512,
         max_length: Annotated[int, typer.Option(min=8, help="Tokens per example.")] = 128,
         seed: Annotated[int, typer.Option(help="Random seed; same inputs + seed give the same slim model.")] = 0,
         device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -45,7 +46,7 @@ def register(app: typer.Typer) -> None:
                 raise BadInputError(f"--device {device!r}: use cpu or cuda")
             settings = PruneSettings(
                 data=data, text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
-                eval_fraction=eval_fraction, max_samples=max_samples, max_length=max_length, seed=seed,
+                eval_fraction=eval_fraction, max_samples=max_samples, eval_samples=eval_samples, max_length=max_length, seed=seed,
                 device=device, export=not no_export, overwrite=overwrite, overrides=list(set_ or []),
                 max_quality_drop=max_quality_drop, min_speedup=min_speedup,
             )
