@@ -1,3 +1,3 @@
 """Built-in methods; importing this package registers them (see shrink.registry)."""
 
-from . import heads_astar, recovery  # noqa: F401
+from . import heads_astar, heads_importance, recovery  # noqa: F401
