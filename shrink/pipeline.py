@@ -22,6 +22,7 @@ from .registry import Context, Plan
 @dataclass
 class PruneSettings:
     data: str | None = None  # None: the bundled calibration corpus
+    eval_data: str | None = None  # held-out data from its own file instead of a split of `data`
     text_column: str | None = None
     text_pair_column: str | None = None
     label_column: str | None = None
@@ -81,40 +82,38 @@ def structure(model) -> dict:
     return {k: summary[k] for k in keys}
 
 
-def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None, settings: PruneSettings | None = None) -> dict:
-    """Run the recipe chain on a model and write the slim checkpoint, ONNX and report. Returns the report."""
+@dataclass
+class Session:
+    """Everything loaded for a run: the context methods get, and the data behind it."""
+
+    ctx: Context
+    calibration: object  # shrink.data.Examples
+    held_out: object
+
+
+def build_session(model_ref: str, settings: PruneSettings) -> Session:
+    """Load model, teacher (a frozen copy), tokenizer and data; split and batch; pick the objective."""
     import torch
 
     from .data import make_batches, read_examples, split_examples
     from .distill import choose_objective
-    from .hub import load_model, load_tokenizer, resolve
-    from .slim import atomic_directory, check_output_dir
+    from .hub import load_model, load_tokenizer
 
-    settings = settings or PruneSettings()
-    started = time.perf_counter()
-    recipes = load_recipes(recipe_refs, settings.overrides)
-    out = Path(out) if out else default_output(model_ref, recipes)
-    resolved = resolve(model_ref)
-    check_output_dir(out, settings.overwrite, [Path(resolved)] if Path(resolved).is_dir() else [])
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
-
     model = load_model(model_ref, device=settings.device)
     tokenizer = load_tokenizer(model_ref)
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
 
-    examples = read_examples(settings.data, settings.text_column, settings.text_pair_column, settings.label_column)
-    calibration, held_out = split_examples(examples, settings.eval_fraction, settings.seed)
+    columns = (settings.text_column, settings.text_pair_column, settings.label_column)
+    examples = read_examples(settings.data, *columns)
+    if settings.eval_data:
+        calibration, held_out = examples, read_examples(settings.eval_data, *columns)
+    else:
+        calibration, held_out = split_examples(examples, settings.eval_fraction, settings.seed)
     has_labels = examples.labels is not None
-    steps = [(recipe, step, *validated(step)) for recipe in recipes for step in recipe.steps]
-    for recipe, step, method, _, _ in steps:
-        if method.needs_labels and not has_labels:
-            raise BadInputError(
-                f"recipe {recipe.name}: method {method.name} needs labeled data",
-                hint="pass --data FILE with --label-column",
-            )
 
     def batches(ex, samples, max_length, batch_size):
         return make_batches(
@@ -122,38 +121,67 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
             label_ids=model if has_labels else None, seed=settings.seed,
         )
 
-    train = batches(calibration, settings.max_samples, settings.max_length, settings.batch_size)
-    evaluation = batches(held_out, settings.eval_samples, settings.max_length, settings.batch_size)
-    objective = choose_objective(model, teacher, has_labels)
     ctx = Context(
         model=model,
         teacher=teacher,
         tokenizer=tokenizer,
-        calibration=train,
+        calibration=batches(calibration, settings.max_samples, settings.max_length, settings.batch_size),
         calibration_batches=lambda n, length, size: batches(calibration, n, length, size),
-        evaluation=evaluation,
-        objective=objective,
+        evaluation=batches(held_out, settings.eval_samples, settings.max_length, settings.batch_size),
+        objective=choose_objective(model, teacher, has_labels),
         has_labels=has_labels,
         device=settings.device,
         seed=settings.seed,
     )
+    return Session(ctx, calibration, held_out)
+
+
+def run_step(ctx: Context, method, options, target) -> tuple:
+    """Run one method, apply its plan through shrink.surgery. Returns (result, seconds)."""
+    started = time.perf_counter()
+    result = method.fn(ctx, target, options)
+    if result.plan is not None:
+        apply_plan(ctx.model, result.plan)
+    ctx.model.eval()
+    return result, round(time.perf_counter() - started, 2)
+
+
+def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None, settings: PruneSettings | None = None) -> dict:
+    """Run the recipe chain on a model and write the slim checkpoint, ONNX and report. Returns the report."""
+    from .hub import resolve
+    from .slim import atomic_directory, check_output_dir
+
+    settings = settings or PruneSettings()
+    started = time.perf_counter()
+    recipes = load_recipes(recipe_refs, settings.overrides)
+    steps = [(recipe, step, *validated(step)) for recipe in recipes for step in recipe.steps]
+    out = Path(out) if out else default_output(model_ref, recipes)
+    resolved = resolve(model_ref)
+    check_output_dir(out, settings.overwrite, [Path(resolved)] if Path(resolved).is_dir() else [])
+
+    session = build_session(model_ref, settings)
+    ctx = session.ctx
+    for recipe, step, method, _, _ in steps:
+        if method.needs_labels and not ctx.has_labels:
+            raise BadInputError(
+                f"recipe {recipe.name}: method {method.name} needs labeled data",
+                hint="pass --data FILE with --label-column",
+            )
+    model, teacher, tokenizer, evaluation, objective = ctx.model, ctx.teacher, ctx.tokenizer, ctx.evaluation, ctx.objective
+    calibration, held_out = session.calibration, session.held_out
     quality_before = quality(teacher, evaluation, teacher)
     before = structure(model)
 
     step_reports = []
     for recipe, step, method, options, target in steps:
         note(f"[bold]{recipe.name}[/bold]: {method.name}")
-        step_started = time.perf_counter()
-        result = method.fn(ctx, target, options)
-        if result.plan is not None:
-            apply_plan(model, result.plan)
-        model.eval()
+        result, seconds = run_step(ctx, method, options, target)
         step_reports.append({
             "recipe": recipe.name,
             "method": method.name,
             "target": step.target,
             "options": step.options,
-            "seconds": round(time.perf_counter() - step_started, 2),
+            "seconds": seconds,
             "stats": result.stats,
             "structure_after": structure(model),
         })
@@ -165,6 +193,7 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
         "output": str(out.resolve()),
         "seed": settings.seed,
         "data": settings.data or "bundled corpus",
+        "eval_data": settings.eval_data or f"{settings.eval_fraction:.0%} split of the data",
         "calibration_examples": len(calibration.texts),
         "eval_examples": min(len(held_out.texts), settings.eval_samples),
         "objective": objective.name,

@@ -141,3 +141,11 @@ def test_quality_gate_exits_1_after_writing(setup, tmp_path):
 
 def test_speedup_gate_without_export(setup, tmp_path):
     assert_exit(prune(setup, tmp_path / "o", "--min-speedup", "1.5"), 1, "no speedup was measured")
+
+
+def test_eval_data_file_is_the_held_out_set(setup, tmp_path):
+    (tmp_path / "held.txt").write_text("a fox and an owl met.\nrain fell on the mat.\nthe sun came out.\n")
+    result = prune(setup, tmp_path / "o", "--eval-data", tmp_path / "held.txt", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["eval_examples"] == 3 and report["calibration_examples"] == len(SENTENCES)

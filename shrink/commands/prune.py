@@ -18,6 +18,7 @@ def register(app: typer.Typer) -> None:
         data: Annotated[Optional[str], typer.Option("--data", help="Calibration data (.txt/.csv/.tsv/.jsonl or a datasets name); default: the bundled corpus.")] = None,
         output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output directory (default ./<model>-<recipe>).")] = None,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: steps.0.target.heads_fraction=0.4")] = None,
+        eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Held-out data file for the report (default: a split of --data).")] = None,
         text_column: Annotated[Optional[str], typer.Option(help="Text column of CSV/JSONL data.")] = None,
         text_pair_column: Annotated[Optional[str], typer.Option(help="Second text column for sentence pairs.")] = None,
         label_column: Annotated[Optional[str], typer.Option(help="Label column (enables the task loss and accuracy).")] = None,
@@ -45,7 +46,7 @@ def register(app: typer.Typer) -> None:
             if device not in ("cpu", "cuda"):
                 raise BadInputError(f"--device {device!r}: use cpu or cuda")
             settings = PruneSettings(
-                data=data, text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
+                data=data, eval_data=eval_data, text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
                 eval_fraction=eval_fraction, max_samples=max_samples, eval_samples=eval_samples, max_length=max_length, seed=seed,
                 device=device, export=not no_export, overwrite=overwrite, overrides=list(set_ or []),
                 max_quality_drop=max_quality_drop, min_speedup=min_speedup,
