@@ -34,6 +34,7 @@ def register(app: typer.Typer) -> None:
         samples: Annotated[Optional[int], typer.Option(min=1, help="Evaluate a seeded subset of this many examples.")] = None,
         max_length: Annotated[int, typer.Option(min=8, help="Truncate examples to this many tokens.")] = 128,
         batch_size: Annotated[int, typer.Option(min=1)] = 32,
+        device: Annotated[str, typer.Option(help="cpu, cuda or auto (torch models; ONNX runs on CPU).")] = "cpu",
         json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     ) -> None:
         """Measure a model on data: accuracy/macro-F1 or Spearman, and fidelity to a teacher."""
@@ -50,9 +51,12 @@ def register(app: typer.Typer) -> None:
             if samples is not None:
                 examples = _sample(examples, samples, seed)
 
-            runner = runner_for(_model_or_path(model))
+            from ..distill import resolve_device
+
+            device = resolve_device(device)
+            runner = runner_for(_model_or_path(model, device))
             teacher_ref = teacher or _default_teacher(model)
-            teacher_runner = runner_for(_model_or_path(teacher_ref)) if teacher_ref else None
+            teacher_runner = runner_for(_model_or_path(teacher_ref, device)) if teacher_ref else None
             tok = _tokenizer(tokenizer, model)
             batches = batches_for(runner, examples, tok, max_length, batch_size)
             if teacher_runner is None and examples.labels is None:
@@ -65,13 +69,13 @@ def register(app: typer.Typer) -> None:
                 show(document)
 
 
-def _model_or_path(ref: str):
+def _model_or_path(ref: str, device: str):
     """An .onnx path stays a path (run by onnxruntime); anything else is loaded as a torch model."""
     if ref.endswith(".onnx"):
         return ref
     from ..hub import load_model
 
-    return load_model(ref)
+    return load_model(ref, device=device)
 
 
 def _default_teacher(model: str) -> str | None:
