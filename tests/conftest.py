@@ -43,7 +43,7 @@ def tiny_model(model_type: str, task: str = "base", seed: int = 0, num_labels: i
     import transformers as T
 
     torch.manual_seed(seed)
-    config = tiny_config(model_type, num_labels=num_labels)
+    config = tiny_config(model_type, num_labels=2 if task == "qa" else num_labels)  # QA heads emit start/end
     auto = {
         "base": T.AutoModel,
         "seq": T.AutoModelForSequenceClassification,

@@ -65,6 +65,7 @@ class Adapter:
     hidden_size_attr: str
     max_positions_attr: str = "max_position_embeddings"
     uses_token_type_ids: bool = True
+    position_offset: int = 0  # positions that are never used (RoBERTa-style ids start after padding_idx)
 
 
 _BERT_LIKE = dict(
@@ -90,8 +91,9 @@ _BERT_LIKE = dict(
 
 ADAPTERS: dict[str, Adapter] = {
     "bert": Adapter(family="bert", model_types=("bert",), **_BERT_LIKE),
-    "roberta": Adapter(family="roberta", model_types=("roberta",), **_BERT_LIKE),
-    "xlm-roberta": Adapter(family="xlm-roberta", model_types=("xlm-roberta",), **_BERT_LIKE),
+    # RoBERTa-style models have a single token type: exporters (and Optimum) leave token_type_ids out
+    "roberta": Adapter(family="roberta", model_types=("roberta",), **{**_BERT_LIKE, "uses_token_type_ids": False, "position_offset": 2}),
+    "xlm-roberta": Adapter(family="xlm-roberta", model_types=("xlm-roberta",), **{**_BERT_LIKE, "uses_token_type_ids": False, "position_offset": 2}),
     "electra": Adapter(family="electra", model_types=("electra",), **_BERT_LIKE),
     "distilbert": Adapter(
         family="distilbert",
@@ -138,6 +140,7 @@ ADAPTERS: dict[str, Adapter] = {
         ffn_size_attr="intermediate_size",
         hidden_size_attr="hidden_size",
         uses_token_type_ids=False,
+        position_offset=2,
     ),
 }
 
@@ -145,6 +148,12 @@ ADAPTERS: dict[str, Adapter] = {
 def adapter_for(config) -> Adapter | None:
     """The adapter for a config's model_type, or None when the family is not supported."""
     return ADAPTERS.get(getattr(config, "model_type", None))
+
+
+def max_sequence_length(config) -> int:
+    """The longest input the position embeddings allow."""
+    adapter = adapter_for(config)
+    return getattr(config, adapter.max_positions_attr) - adapter.position_offset
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
