@@ -182,9 +182,12 @@ def _optimize(path: Path, model) -> dict:
 
 
 def _quantize(source: Path, target: Path) -> None:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    # fused (com.microsoft) ops defeat ONNX shape inference; their outputs are float tensors
+    extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, extra_options=extra)
 
 
 def export_onnx(

@@ -13,6 +13,7 @@ from conftest import ARCHITECTURES, tiny_model
 from test_slim import slim_everything
 from shrink import surgery
 from shrink.errors import InternalError
+from shrink.cli import app
 from shrink.export import export_onnx, session
 
 TASKS = ["base", "seq", "tok", "qa", "mlm"]
@@ -82,3 +83,47 @@ def test_optimize_on_a_pruned_model_keeps_parity(tmp_path):
     report = export_onnx(model, tmp_path / "o.onnx", optimize=True)
     assert report["optimized"] or "optimize_skipped" in report
     assert max(report["max_abs_diff"].values()) <= 1e-4
+
+
+# --- the command ------------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    from shrink.slim import save_slim
+
+    return save_slim(slim_everything(tiny_model("bert", task="seq")), tmp_path / "slim")
+
+
+def test_cli_export_json(checkpoint, tmp_path):
+    result = runner.invoke(app, ["export", str(checkpoint), "-o", str(tmp_path / "m.onnx"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["outputs"] == ["logits"] and report["size_bytes"] > 0
+    assert (tmp_path / "m.onnx").exists()
+
+
+def test_cli_export_int8_and_optimize(checkpoint, tmp_path):
+    result = runner.invoke(app, ["export", str(checkpoint), "-o", str(tmp_path / "q.onnx"), "--int8", "--optimize"])
+    assert result.exit_code == 0, result.output
+    assert "int8 agreement" in result.stdout
+
+
+def test_cli_export_refuses_existing_file(checkpoint, tmp_path):
+    (tmp_path / "m.onnx").write_text("mine")
+    result = runner.invoke(app, ["export", str(checkpoint), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and "--overwrite" in result.stderr
+    assert (tmp_path / "m.onnx").read_text() == "mine"
+
+
+@pytest.mark.parametrize("args, message", [(["-o", "x.txt"], "must end in .onnx"), (["--opset", "3"], "opset 3")])
+def test_cli_export_bad_options(checkpoint, tmp_path, args, message):
+    result = runner.invoke(app, ["export", str(checkpoint), *args])
+    assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+def test_cli_export_missing_model(tmp_path):
+    result = runner.invoke(app, ["export", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "does not exist" in result.stderr
