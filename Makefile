@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/shrink info minilm
+	HF_HUB_OFFLINE=1 $(BIN)/shrink prune minilm --recipe heads-a-star -o out/minilm-heads-a-star --overwrite
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

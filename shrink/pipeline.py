@@ -27,8 +27,8 @@ class PruneSettings:
     text_pair_column: str | None = None
     label_column: str | None = None
     eval_fraction: float = 0.2
-    max_samples: int = 1024  # calibration examples used for training/recovery
-    eval_samples: int = 512  # held-out examples the report's quality figures use
+    max_samples: int | None = 1024  # calibration examples used for training/recovery (None: all)
+    eval_samples: int | None = 512  # held-out examples the report's quality figures use (None: all)
     max_length: int = 128
     batch_size: int = 16
     seed: int = 0
@@ -96,7 +96,7 @@ def build_session(model_ref: str, settings: PruneSettings) -> Session:
     import torch
 
     from .data import make_batches, read_examples, split_examples
-    from .distill import choose_objective
+    from .distill import choose_objective, task_head
     from .hub import load_model, load_tokenizer
 
     torch.manual_seed(settings.seed)
@@ -114,11 +114,13 @@ def build_session(model_ref: str, settings: PruneSettings) -> Session:
     else:
         calibration, held_out = split_examples(examples, settings.eval_fraction, settings.seed)
     has_labels = examples.labels is not None
+    # an embedding model encodes the two texts of a pair separately (bi-encoder); a classifier jointly
+    pair_encoding = "separate" if task_head(model) is None else "cross"
 
     def batches(ex, samples, max_length, batch_size):
         return make_batches(
             tokenizer, ex, max_length=max_length, batch_size=batch_size, max_samples=samples,
-            label_ids=model if has_labels else None, seed=settings.seed,
+            label_ids=model if has_labels else None, seed=settings.seed, pair_encoding=pair_encoding,
         )
 
     ctx = Context(
@@ -195,7 +197,7 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
         "data": settings.data or "bundled corpus",
         "eval_data": settings.eval_data or f"{settings.eval_fraction:.0%} split of the data",
         "calibration_examples": len(calibration.texts),
-        "eval_examples": min(len(held_out.texts), settings.eval_samples),
+        "eval_examples": min(len(held_out.texts), settings.eval_samples or len(held_out.texts)),
         "objective": objective.name,
         "before": before,
         "after": structure(model),

