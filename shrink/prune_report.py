@@ -56,7 +56,7 @@ def to_markdown(report: dict) -> str:
     lines += ["", "## Steps", "", "| recipe | method | seconds | what it did |", "|---|---|---|---|"]
     for step in report["steps"]:
         stats = step["stats"]
-        did = ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (dict, list)))[:300]
+        did = ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, dict))[:400]
         lines.append(f"| {step['recipe']} | {step['method']} | {step['seconds']} | {did} |")
     return "\n".join(lines) + "\n"
 

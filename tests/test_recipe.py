@@ -88,3 +88,35 @@ def test_cli_recipes_show_and_errors():
     assert fields["target.heads_fraction"]["value"] == 0.5
     result = runner.invoke(app, ["recipes", "nope-nothing"])
     assert result.exit_code == 2 and "unknown recipe" in result.stderr
+
+
+def test_third_party_methods_register_through_entry_points(monkeypatch, tmp_path):
+    import sys
+    from importlib import metadata
+
+    from shrink import registry
+
+    (tmp_path / "my_plugin.py").write_text(
+        "from shrink.registry import NoTarget, StepResult, register\n"
+        "@register('plugin.noop', options=NoTarget)\n"
+        "def noop(ctx, target, options):\n    'Do nothing.'\n    return StepResult()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    point = metadata.EntryPoint(name="noop", value="my_plugin", group="shrink.methods")
+    monkeypatch.setattr(metadata, "entry_points", lambda group=None: [point] if group == "shrink.methods" else [])
+    monkeypatch.setattr(registry, "_loaded", False)
+    try:
+        assert registry.get_method("plugin.noop").description == "Do nothing."
+    finally:
+        registry.METHODS.pop("plugin.noop", None)
+        sys.modules.pop("my_plugin", None)
+
+
+def test_overrides_with_several_recipes_name_their_recipe(tmp_path):
+    from shrink.pipeline import load_recipes
+
+    other = write(tmp_path, "name: other\nsteps:\n  - method: distill\n", name="other.yaml")
+    recipes = load_recipes(["heads-a-star", other], ["other.steps.0.options.epochs=3", "heads-a-star.steps.0.options.branching=2"])
+    assert recipes[1].steps[0].options["epochs"] == 3 and recipes[0].steps[0].options["branching"] == 2
+    with pytest.raises(BadInputError, match="start the key with a recipe name"):
+        load_recipes(["heads-a-star", other], ["steps.0.options.epochs=3"])
