@@ -253,8 +253,7 @@ def primary_quality(q: dict) -> tuple[str, float] | None:
 
 def speedup(report: dict) -> float | None:
     try:
-        rows = report["onnx"]["bench"]["results"]
-        return float(rows[1]["speedup"])
+        return float(report["onnx"]["bench"]["models"][1]["results"][0]["speedup"])
     except (KeyError, IndexError, TypeError):
         return None
 

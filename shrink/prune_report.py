@@ -37,7 +37,10 @@ def headline_rows(report: dict) -> list[tuple[str, str, str, str]]:
 def bench_value(bench: dict, index: int, key: str):
     """A figure of the index-th benchmarked model, if the bench result carries it."""
     try:
-        return float(bench["models"][index][key])
+        value = bench["models"][index][key]
+        if isinstance(value, dict):  # per sequence length, e.g. flops_g {"128": ...}
+            value = value.get("128", next(iter(value.values())))
+        return float(value)
     except (KeyError, IndexError, TypeError, ValueError):
         return None
 
