@@ -419,3 +419,38 @@ def _result(loaded: list[Target], cells, timings, scores, seq_lengths, settings:
     )
     flat = [{"model": m["name"], **row} for k in range(len(cells)) for m in models for row in [m["results"][k]]]
     return {"settings": settings, "models": models, "results": flat}
+
+
+# --- CI gates -----------------------------------------------------------------------------------
+
+
+def gate_failures(result: dict, *, max_latency_ratio=None, min_speedup=None, max_size_mb=None, max_quality_drop=None) -> list[str]:
+    """One line per violated gate. Gates judge the compared models (all but the baseline; the
+    baseline itself when it is the only model), in every (batch, seq) cell."""
+    from .report import primary_quality
+
+    models = result["models"]
+    baseline, candidates = models[0], (models[1:] or models[:1])
+    failures = []
+    for model in candidates:
+        for row in model["results"]:
+            cell = f"batch {row['batch']}, seq {row['seq']}"
+            if max_latency_ratio is not None and row["latency_ratio"] > max_latency_ratio:
+                failures.append(f"{model['name']}: latency ratio {row['latency_ratio']:.3f} > {max_latency_ratio} ({cell})")
+            if min_speedup is not None and row["speedup"] < min_speedup:
+                failures.append(f"{model['name']}: speedup {row['speedup']:.2f}x < {min_speedup}x ({cell})")
+        if max_size_mb is not None and model["size_mb"] is not None and model["size_mb"] > max_size_mb:
+            failures.append(f"{model['name']}: size {model['size_mb']:.3f} MB > {max_size_mb} MB")
+        if max_quality_drop is not None:
+            failures += _quality_gate(baseline, model, max_quality_drop, primary_quality)
+    return failures
+
+
+def _quality_gate(baseline: dict, model: dict, max_drop: float, primary_quality) -> list[str]:
+    reference, measured = primary_quality(baseline.get("quality")), primary_quality(model.get("quality"))
+    if reference is None or measured is None or reference[0] != measured[0]:
+        return [f"{model['name']}: no comparable quality figure (pass --data)"]
+    drop = reference[1] - measured[1]
+    if drop > max_drop:
+        return [f"{model['name']}: {measured[0]} dropped by {drop:.4f} (> {max_drop}) from the baseline's {reference[1]:.4f}"]
+    return []

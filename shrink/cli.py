@@ -22,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COMMANDS = ["info", "recipes", "prune", "eval", "export"]
+COMMANDS = ["info", "recipes", "prune", "eval", "export", "bench"]
 
 
 def _version(value: bool) -> None:

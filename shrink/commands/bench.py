@@ -1,0 +1,86 @@
+"""shrink bench A [B ...]: latency, size, FLOPs (and quality) side by side, measured interleaved; CI gates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..console import note, print_json
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def bench(
+        models: Annotated[list[str], typer.Argument(help="Checkpoints (plain or slim, aliases, hub ids) and/or .onnx files; the first is the baseline.")],
+        batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8",
+        seq_lengths: Annotated[str, typer.Option("--seq-lengths", help="Comma-separated sequence lengths.")] = "128",
+        threads: Annotated[int, typer.Option(help="Intra-op threads (torch and onnxruntime); 1 gives the most stable numbers.")] = 1,
+        warmup: Annotated[int, typer.Option(help="Untimed runs per model and cell, first.")] = 5,
+        rounds: Annotated[int, typer.Option(help="Timed rounds per cell; each round runs every model once.")] = 30,
+        backend: Annotated[str, typer.Option(help="auto (torch for checkpoints, onnxruntime for .onnx), torch, or onnx (export checkpoints on the fly).")] = "auto",
+        data: Annotated[Optional[str], typer.Option("--data", help="Also measure quality on this data (a .txt/.csv/.tsv/.jsonl file, a datasets name, or 'bundled').")] = None,
+        text_column: Annotated[Optional[str], typer.Option(help="Text column of CSV/JSONL data.")] = None,
+        text_pair_column: Annotated[Optional[str], typer.Option(help="Second text of sentence pairs.")] = None,
+        label_column: Annotated[Optional[str], typer.Option(help="Class labels, or similarity scores for pairs.")] = None,
+        tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer for --data (default: the first model's).")] = None,
+        json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")] = False,
+        markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the tables as markdown to this file.")] = None,
+        max_latency_ratio: Annotated[Optional[float], typer.Option(help="Gate: every model's p50 / baseline p50 at most this, in every cell.")] = None,
+        min_speedup: Annotated[Optional[float], typer.Option(help="Gate: every model's speedup over the baseline at least this, in every cell.")] = None,
+        max_size_mb: Annotated[Optional[float], typer.Option(help="Gate: every model's file size at most this many MB.")] = None,
+        max_quality_drop: Annotated[Optional[float], typer.Option(help="Gate (needs --data): primary metric at most this much below the baseline's.")] = None,
+    ) -> None:
+        """Benchmark models side by side: interleaved rounds, p50/p90/p99, ratios to the first model."""
+        from ..cli import cli_errors
+
+        with cli_errors():
+            from ..bench import bench as run_bench
+            from ..bench import gate_failures
+            from ..errors import BadInputError, GateFailedError
+            from ..report import show, to_markdown
+
+            if max_quality_drop is not None and data is None:
+                raise BadInputError("--max-quality-drop needs --data to measure quality on")
+            batches = _quality_batches(data, text_column, text_pair_column, label_column, tokenizer, models[0]) if data else None
+            result = run_bench(
+                models, batch_sizes=_ints(batch_sizes, "--batch-sizes"), seq_lengths=_ints(seq_lengths, "--seq-lengths"),
+                threads=threads, warmup=warmup, rounds=rounds, backend=backend, data_batches=batches,
+            )
+            if json_output:
+                print_json(result)
+            else:
+                show(result)
+            if markdown is not None:
+                markdown.parent.mkdir(parents=True, exist_ok=True)
+                markdown.write_text(to_markdown(result), encoding="utf-8")
+                note(f"wrote {markdown}")
+            failures = gate_failures(
+                result, max_latency_ratio=max_latency_ratio, min_speedup=min_speedup,
+                max_size_mb=max_size_mb, max_quality_drop=max_quality_drop,
+            )
+            if failures:
+                raise GateFailedError("gate failed: " + "; ".join(failures))
+
+
+def _ints(text: str, option: str) -> list[int]:
+    """"1,8" -> [1, 8]; anything that is not an integer is bad input (positivity is bench's check)."""
+    from ..errors import BadInputError
+
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise BadInputError(f"{option} {text!r}: expected comma-separated integers, e.g. 1,8") from None
+
+
+def _quality_batches(data, text_column, text_pair_column, label_column, tokenizer, baseline: str):
+    """Read the data now (a bad file fails before any model loads); batches are made later from
+    the baseline's runner, so label mapping and pair encoding follow the baseline model."""
+    from ..data import read_examples
+    from ..evaluate import batches_for
+    from .eval import _tokenizer
+
+    examples = read_examples(data, text_column, text_pair_column, label_column)
+    tok = _tokenizer(tokenizer, baseline)
+    return lambda runner: batches_for(runner, examples, tok, max_length=128, batch_size=32)
