@@ -109,3 +109,17 @@ def test_targets_validate():
         HeadsTarget(heads_fraction=1.2)
     assert _goal(HeadsTarget(heads_fraction=0.5), 72, [0.0] * 72) == 36
     assert _goal(HeadsTarget(max_loss_increase=0.25), 4, [0.1, 0.1, 0.1, 0.1]) == 2
+
+
+def test_tolerance_mode_removes_as_many_as_fit():
+    model, scorer, _ = setup("bert", batches=1)
+    root_loss = scorer.score([frozenset()])[0]
+    importance = [v - root_loss for v in scorer.score([frozenset({h}) for h in range(12)], frozenset())]
+    tolerance = sorted(importance)[3] * 2  # room for a few cheap heads, not for all
+    search = AStar(scorer, importance, root_loss, AStarOptions(branching=12, max_evaluations=200))
+    goal = _goal(HeadsTarget(max_loss_increase=tolerance), 12, importance)
+    found = search.extend_within(search.run(Node(frozenset(), 0.0, True, None), goal), tolerance, 12)
+    assert 0 < len(found.removed) < 12
+    assert found.g <= tolerance
+    rest = [found.removed | {h} for h in range(12) if h not in found.removed]
+    assert all(loss - root_loss > tolerance for loss in scorer.score(rest))  # no single head more fits
