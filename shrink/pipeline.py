@@ -75,11 +75,14 @@ def apply_plan(model, plan: Plan) -> None:
 
 
 def structure(model) -> dict:
+    from .flops import model_flops
     from .info import describe
 
     summary = describe(model)
     keys = ("num_layers", "original_layers", "heads_per_layer", "ffn_per_layer", "params", "params_total")
-    return {k: summary[k] for k in keys}
+    figures = {k: summary[k] for k in keys}
+    figures["gflops_s128"] = round(model_flops(model, 128)["total"] / 1e9, 3)  # batch 1, analytic
+    return figures
 
 
 @dataclass
