@@ -187,7 +187,9 @@ def _quantize(source: Path, target: Path) -> None:
 
     # fused (com.microsoft) ops defeat ONNX shape inference; their outputs are float tensors
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, extra_options=extra)
+    # per-channel scales: on all-MiniLM-L6-v2 per-tensor int8 kept a mean embedding cosine of 0.953 with
+    # torch, per-channel 0.990 (export parity inputs, measured 2026-11-24)
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, extra_options=extra)
 
 
 def export_onnx(
