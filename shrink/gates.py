@@ -61,7 +61,7 @@ class Gates:
                 return None
             x = args[0]
             b, s, width = x.shape
-            g = _per_sample(gate, b).to(x.dtype)
+            g = _per_sample(gate, b).to(device=x.device, dtype=x.dtype)
             x = (x.view(b, s, -1, self.head_size) * g[:, None, :, None]).view(b, s, width)
             return (x, *args[1:])
 
@@ -73,7 +73,7 @@ class Gates:
             if gate is None:
                 return None
             x = args[0]
-            g = _per_sample(gate, x.shape[0]).to(x.dtype)
+            g = _per_sample(gate, x.shape[0]).to(device=x.device, dtype=x.dtype)
             return (x * g[:, None, :], *args[1:])
 
         return hook
@@ -84,7 +84,7 @@ class Gates:
                 return None
             hidden_in = args[0] if args else kwargs["hidden_states"]
             hidden_out = output[0] if isinstance(output, tuple) else output
-            g = _per_sample(self.layers, hidden_in.shape[0])[:, i].to(hidden_in.dtype)[:, None, None]
+            g = _per_sample(self.layers, hidden_in.shape[0])[:, i].to(device=hidden_in.device, dtype=hidden_in.dtype)[:, None, None]
             mixed = hidden_in + g * (hidden_out - hidden_in)
             return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
 

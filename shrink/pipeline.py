@@ -99,11 +99,12 @@ def build_session(model_ref: str, settings: PruneSettings) -> Session:
     import torch
 
     from .data import make_batches, read_examples, split_examples
-    from .distill import choose_objective, task_head
+    from .distill import choose_objective, resolve_device, task_head, to_device
     from .hub import load_model, load_tokenizer
 
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
+    settings.device = resolve_device(settings.device)  # a clear error when CUDA is asked for but absent
     model = load_model(model_ref, device=settings.device)
     tokenizer = load_tokenizer(model_ref)
     teacher = copy.deepcopy(model).eval()
@@ -121,10 +122,11 @@ def build_session(model_ref: str, settings: PruneSettings) -> Session:
     pair_encoding = "separate" if task_head(model) is None else "cross"
 
     def batches(ex, samples, max_length, batch_size):
-        return make_batches(
+        made = make_batches(
             tokenizer, ex, max_length=max_length, batch_size=batch_size, max_samples=samples,
             label_ids=model if has_labels else None, seed=settings.seed, pair_encoding=pair_encoding,
         )
+        return [to_device(b, settings.device) for b in made]  # methods then never move tensors
 
     ctx = Context(
         model=model,
@@ -213,6 +215,7 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
     }
     from .slim import write_checkpoint
 
+    model.cpu(), teacher.cpu()  # checkpoints, ONNX export and CPU latency are measured on the CPU
     with atomic_directory(out, settings.overwrite) as tmp:
         write_checkpoint(model, tmp, tokenizer, manifest_extra)
         if settings.export:

@@ -149,3 +149,8 @@ def test_eval_data_file_is_the_held_out_set(setup, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["eval_examples"] == 3 and report["calibration_examples"] == len(SENTENCES)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_without_cuda_is_a_clear_error(setup, tmp_path):
+    assert_exit(prune(setup, tmp_path / "o", "--device", "cuda"), 2, "CUDA is not available")

@@ -64,7 +64,8 @@ def gradient_importance(ctx: Context, batches: list[dict]) -> list[torch.Tensor]
     model, counts = ctx.model, heads_per_layer(ctx.model)
     scores = [torch.zeros(n) for n in counts]
     with Gates(model) as gates:
-        gate_params = [torch.ones(n, requires_grad=True) if n else None for n in counts]
+        device = next(model.parameters()).device
+        gate_params = [torch.ones(n, device=device, requires_grad=True) if n else None for n in counts]
         gates.heads = gate_params
         for batch in batches:
             with torch.no_grad():
@@ -72,7 +73,7 @@ def gradient_importance(ctx: Context, batches: list[dict]) -> list[torch.Tensor]
             loss = ctx.objective(model, batch, targets)
             grads = torch.autograd.grad(loss, [g for g in gate_params if g is not None])
             for layer, grad in zip([i for i, g in enumerate(gate_params) if g is not None], grads):
-                scores[layer] += grad.detach() * batch["input_ids"].shape[0]
+                scores[layer] += grad.detach().cpu() * batch["input_ids"].shape[0]
     return [s.abs() for s in scores]
 
 

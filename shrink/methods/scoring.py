@@ -153,7 +153,7 @@ class MaskScorer:
                         self.layers[i] = layer
                     for handle in handles:
                         handle.remove()
-                totals += losses.detach().float().view(k, size).sum(dim=1)
+                totals += losses.detach().float().cpu().view(k, size).sum(dim=1)
                 for j in range(k):
                     shared = self.cache[parent][b][:start] if start > 0 else []
                     own = [_rows(outputs[i], j * size, (j + 1) * size) for i in range(start, len(self.layers))]
