@@ -52,7 +52,7 @@ def settings_line(result: dict) -> str:
     return (
         f"{s['threads']} thread(s), {s['warmup']} warm-up + {s['rounds']} interleaved rounds, "
         f"baseline {s['baseline']}; torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')}, "
-        f"{env.get('cpu_count')} CPUs. Compare the ratios: absolute ms belong to this machine and moment."
+        f"{env.get('cpu_count')} CPUs ({env.get('cpu', 'CPU unknown')}). Compare the ratios: absolute ms belong to this machine and moment."
     )
 
 
