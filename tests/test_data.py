@@ -126,6 +126,30 @@ def test_dataset_name_without_datasets_is_a_clear_error():
         pytest.skip("datasets is installed; the offline path would need the network")
 
 
+def test_dataset_name_is_parsed_and_loaded_through_datasets(monkeypatch):
+    """The Hub path with a stand-in `datasets` module: name, config and split reach load_dataset, rows
+    become examples, and a failing load (offline, unknown name) is one clear line."""
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        if name == "offline":
+            raise ConnectionError("Couldn't reach the Hub\nlong traceback text")
+        return [{"sentence": "a fine film", "label": 1}, {"sentence": "dull", "label": 0}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    examples = read_examples("glue:sst2@validation", label_column="label")
+    assert calls == [("glue", "sst2", "validation")]
+    assert examples.texts == ["a fine film", "dull"] and examples.labels == [1, 0]
+    read_examples("imdb")
+    assert calls[-1] == ("imdb", None, "train")
+    with pytest.raises(BadInputError, match="could not load dataset 'offline': Couldn't reach the Hub$"):
+        read_examples("offline")
+
+
 # --- splits -----------------------------------------------------------------------------------
 
 
