@@ -357,7 +357,7 @@ def _process_peak_rss_mb() -> float | None:
         import sys
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / (MB if sys.platform == "darwin" else 1e3)  # bytes on macOS, KiB on Linux
+        return peak * (1 if sys.platform == "darwin" else 1024) / MB  # bytes on macOS, KiB on Linux
     except (ImportError, OSError):
         return None
 
