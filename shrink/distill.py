@@ -296,10 +296,12 @@ def distill(
     device: str = "cpu",
     progress: bool = True,
     seed: int = 0,
+    on_step=None,
 ) -> dict:
     """Train the student to match the teacher (and/or the labels). AdamW, warm-up + linear decay,
     gradient clipping and accumulation; with eval_batches and early_stop_patience, stops after that
-    many evaluations without improvement and keeps the best weights. Returns the history."""
+    many evaluations without improvement and keeps the best weights. `on_step(step, total_steps)`, if
+    given, runs after every optimizer step (e.g. to apply a pruning schedule). Returns the history."""
     if not train_batches:
         raise BadInputError("distill: no training batches", hint="the calibration split is empty")
     device = resolve_device(device)
@@ -354,6 +356,8 @@ def distill(
             history["losses"].append(round(running, 6))
             history["steps"] += 1
             running = 0.0
+            if on_step is not None:
+                on_step(history["steps"], total_steps)
             bar.update(task, advance=1, status=f"loss {history['losses'][-1]:.4f}")
             if keep_best and history["steps"] % eval_every == 0:
                 current = evaluate()

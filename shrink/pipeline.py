@@ -66,6 +66,10 @@ def default_output(model_ref: str, recipes: list[Recipe]) -> Path:
 def apply_plan(model, plan: Plan) -> None:
     from . import surgery
 
+    # low rank first: its precomputed factors are for the matrices as they are when planned
+    for path, spec in (plan.low_rank or {}).items():
+        rank, factors = spec if isinstance(spec, tuple) else (spec, None)
+        surgery.factorize_linear(model, path, rank, factors)
     if plan.heads:
         surgery.prune_heads(model, plan.heads)
     if plan.ffn:

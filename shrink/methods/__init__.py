@@ -1,3 +1,4 @@
 """Built-in methods; importing this package registers them (see shrink.registry)."""
 
 from . import heads_astar, heads_importance, recovery  # noqa: F401
+from . import lowrank, weight_pruning  # noqa: F401,E402  (LadaBERT: low rank + weight pruning)

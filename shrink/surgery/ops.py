@@ -204,24 +204,29 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
 
 def factorize_linear(model: nn.Module, path: str, rank: int, factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Replace the Linear at `path` (relative to the base model, current layer positions) by a rank-r
-    pair. `factors` (first, second) lets a method supply its own (e.g. activation-weighted) factors;
-    by default the truncated SVD is used."""
+    pair; a LowRankLinear already there is re-factorized to a rank no higher than its own. `factors`
+    (first, second) lets a method supply its own (e.g. activation-weighted) factors; by default the
+    truncated SVD is used."""
     adapter, manifest = adapter_of(model), manifest_of(model)
     base = runtime.base_model(model)
     try:
         old = get_module(base, path)
     except AttributeError:
         raise BadInputError(f"no module named {path!r} in the model") from None
-    if not isinstance(old, nn.Linear):
+    if isinstance(old, LowRankLinear):  # re-factorize to a lower rank (iterated compression)
+        weight, bias, limit = (old.second.weight @ old.first.weight).detach(), old.second.bias, old.rank
+    elif isinstance(old, nn.Linear):
+        weight, bias, limit = old.weight, old.bias, min(old.in_features, old.out_features)
+    else:
         raise BadInputError(f"{path!r} is a {type(old).__name__}, not a Linear")
-    if not 1 <= rank <= min(old.in_features, old.out_features):
-        raise BadInputError(f"rank {rank} out of range for {path!r} ({old.out_features}x{old.in_features})")
-    first, second = factors if factors is not None else svd_factors(old.weight, rank)
-    new = LowRankLinear(old.in_features, old.out_features, rank, bias=old.bias is not None)
-    new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+    if not 1 <= rank <= limit:
+        raise BadInputError(f"rank {rank} out of range for {path!r} ({old.out_features}x{old.in_features}, max {limit})")
+    first, second = factors if factors is not None else svd_factors(weight, rank)
+    new = LowRankLinear(old.in_features, old.out_features, rank, bias=bias is not None)
+    new = new.to(device=weight.device, dtype=weight.dtype)
     state = {"first.weight": first, "second.weight": second}
-    if old.bias is not None:
-        state["second.bias"] = old.bias
+    if bias is not None:
+        state["second.bias"] = bias
     _load(new, state)
     set_module(base, path, new)
 

@@ -420,8 +420,9 @@ def apply_manifest(model: nn.Module, manifest: dict) -> None:
         elif kind == "low_rank":
             root, path = low_rank_target(adapter, model, replayed, op)
             old = get_module(root, path)
-            new = LowRankLinear(old.in_features, old.out_features, int(op["rank"]), bias=old.bias is not None)
-            set_module(root, path, new.to(old.weight.device))
+            bias = old.second.bias if isinstance(old, LowRankLinear) else old.bias  # re-factorized: a pair already
+            new = LowRankLinear(old.in_features, old.out_features, int(op["rank"]), bias=bias is not None)
+            set_module(root, path, new.to(next(old.parameters()).device))
         elif kind == "embedding":
             path = adapter.word_embeddings
             set_module(base_model(model), path, build_embedding(op["kind"], op.get("spec", {}), get_module(base_model(model), path)))
