@@ -2,3 +2,4 @@
 
 from . import heads_astar, heads_importance, recovery  # noqa: F401
 from . import lowrank, weight_pruning  # noqa: F401,E402  (LadaBERT: low rank + weight pruning)
+from . import l0  # noqa: F401,E402  (L0 structured pruning: heads, FFN, sub-layers)
