@@ -74,6 +74,7 @@ class L0Options(Strict):
     epochs: float = Field(1, gt=0, description="passes over the calibration split")
     max_steps: int | None = Field(None, ge=1)
     lr: float = Field(5e-5, gt=0, description="learning rate of the model weights")
+    train_embeddings: bool = Field(False, description="also train the word embeddings (slow on CPU: a vocab x hidden AdamW update per step)")
     gate_lr: float = Field(0.05, gt=0, description="learning rate of the gates' log_alpha")
     lambda_lr: float = Field(0.05, gt=0, description="learning rate (ascent) of the Lagrange multipliers")
     target_warmup: float = Field(0.5, ge=0, lt=1, description="fraction of steps over which the target is annealed")
@@ -187,6 +188,13 @@ def batch_loss(student, teacher, batch: dict, terms: list[str], hidden_weight: f
 # --- training -------------------------------------------------------------------------------------
 
 
+def _word_embeddings(model):
+    from ..surgery import runtime
+    from ..surgery.ops import adapter_of
+
+    return runtime.get_module(runtime.base_model(model), adapter_of(model).word_embeddings)
+
+
 def train_gates(model, teacher, batches: list[dict], gates: L0Gates, cost: LinearCost, target: float,
                 options: L0Options, terms: list[str], seed: int = 0, progress: bool = True) -> dict:
     """Joint training of weights, gates and multipliers (see the module docstring). Returns the history."""
@@ -198,6 +206,10 @@ def train_gates(model, teacher, batches: list[dict], gates: L0Gates, cost: Linea
     steps = max(1, math.ceil(options.epochs * len(batches)))
     if options.max_steps is not None:
         steps = min(steps, options.max_steps)
+    # frozen for the run (no gradient computed at all), restored afterwards
+    frozen = [] if options.train_embeddings else [p for p in _word_embeddings(model).parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
     weights = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(weights, lr=options.lr, foreach=True)
     schedule = _schedule(optimizer, steps, 0.1)
@@ -240,6 +252,8 @@ def train_gates(model, teacher, batches: list[dict], gates: L0Gates, cost: Linea
     finally:
         hooks.remove()
         model.eval()
+        for p in frozen:
+            p.requires_grad_(True)
     with torch.no_grad():
         history["end_fraction"] = round(float(gates.expected_cost(cost)) / full, 4)
     return history
