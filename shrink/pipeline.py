@@ -76,6 +76,8 @@ def apply_plan(model, plan: Plan) -> None:
         surgery.prune_ffn(model, plan.ffn)
     if plan.drop_layers:
         surgery.drop_layers(model, plan.drop_layers)
+    if plan.embedding:
+        surgery.install_word_embeddings(model, *plan.embedding)
 
 
 def structure(model) -> dict:

@@ -36,6 +36,8 @@ class Plan:
     heads: dict[int, list[int]] | None = None  # layer -> heads to KEEP
     ffn: dict[int, list[int]] | None = None  # layer -> neurons to KEEP
     drop_layers: list[int] | None = None
+    # (kind, spec, state): new word embeddings, built by shrink.surgery.install_word_embeddings
+    embedding: tuple[str, dict, dict] | None = None
     # Linear path (from the base model) -> rank, or (rank, (first, second)) with precomputed factors
     low_rank: dict[str, Any] | None = None
 

@@ -7,12 +7,14 @@ from .ops import (
     factorize_word_embeddings,
     ffn_per_layer,
     heads_per_layer,
+    install_word_embeddings,
     layers_of,
     manifest_of,
     original_layer_ids,
     prune_ffn,
     prune_heads,
     replace_word_embeddings,
+    word_embeddings_of,
 )
 
 __all__ = [
@@ -22,10 +24,12 @@ __all__ = [
     "factorize_word_embeddings",
     "ffn_per_layer",
     "heads_per_layer",
+    "install_word_embeddings",
     "layers_of",
     "manifest_of",
     "original_layer_ids",
     "prune_ffn",
     "prune_heads",
     "replace_word_embeddings",
+    "word_embeddings_of",
 ]

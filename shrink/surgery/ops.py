@@ -257,6 +257,26 @@ def replace_word_embeddings(model: nn.Module, module: nn.Module, kind: str, spec
     manifest["ops"].append({"op": "embedding", "kind": kind, "spec": dict(spec)})
 
 
+def word_embeddings_of(model: nn.Module) -> nn.Module:
+    return get_module(runtime.base_model(model), adapter_of(model).word_embeddings)
+
+
+def install_word_embeddings(model: nn.Module, kind: str, spec: dict, state: dict[str, torch.Tensor]) -> None:
+    """Replace the word embeddings by a module of `kind` built from `spec` exactly as a slim checkpoint
+    rebuilds it (runtime.build_embedding), filled strictly with `state` (e.g. codes and codebooks)."""
+    old = word_embeddings_of(model)
+    if not isinstance(old, nn.Embedding):
+        raise BadInputError(f"word embeddings are already replaced ({type(old).__name__})", hint="use one embedding recipe per model")
+    if kind not in runtime.EMBEDDING_BUILDERS:
+        raise BadInputError(f"unknown embedding kind {kind!r}", hint=f"known: {sorted(runtime.EMBEDDING_BUILDERS)}")
+    try:
+        new = runtime.build_embedding(kind, spec, old)
+    except (KeyError, ValueError) as exc:
+        raise BadInputError(f"embedding {kind} spec {spec}: {exc}") from None
+    _load(new, state)
+    replace_word_embeddings(model, new, kind, spec)
+
+
 def factorize_word_embeddings(model: nn.Module, rank: int) -> None:
     """Word embeddings as vocab x rank codes times a rank x dim projection, from the truncated SVD."""
     adapter = adapter_of(model)

@@ -8,8 +8,8 @@ the same modules.
 It holds three things:
 1. `ADAPTERS`: for each supported architecture family, where it keeps layers, attention projections,
    FFN and embeddings. Nothing else in shrink hard-codes a module path.
-2. Replacement modules: a layer with no heads left, an FFN with no neurons left, a rank-r Linear and a
-   factorized word embedding.
+2. Replacement modules: a layer with no heads left, an FFN with no neurons left, a rank-r Linear and
+   word embeddings stored compactly (factorized, compositional codes, binary codes).
 3. `apply_manifest(model, manifest)`: replays the recorded operations on a freshly built original
    architecture so that every tensor has the slim shape; the weights are then loaded strictly.
 
@@ -22,6 +22,8 @@ Layer numbers in ops are ORIGINAL layer indices, so an op stays meaningful after
     {"op": "low_rank", "layer": 0, "module": "intermediate.dense", "rank": 64}
         (layer null: "module" is a path from the base model, e.g. "pooler.dense")
     {"op": "embedding", "kind": "factorized", "spec": {"rank": 64}}
+    {"op": "embedding", "kind": "codes", "spec": {"codebooks": 32, "codebook_size": 16, "code_dim": 384, "linear": false}}
+    {"op": "embedding", "kind": "binary", "spec": {"bits": 256}}
 """
 
 from __future__ import annotations
@@ -242,10 +244,79 @@ class FactorizedEmbedding(nn.Module):
         return self.proj(self.codes(input_ids))
 
 
+def code_dtype(num_values: int) -> torch.dtype:
+    """The smallest integer dtype holding 0..num_values-1 (safetensors stores uint8 and int16 as is)."""
+    if num_values <= 256:
+        return torch.uint8
+    return torch.int16 if num_values <= 32768 else torch.int32
+
+
+class CodeEmbedding(nn.Module):
+    """Compositional codes (Shu & Nakayama 2018): token t is M integers codes[t] in [0, K), and its
+    embedding is the sum over m of row codes[t, m] of codebook m (optionally mapped by a Linear from
+    code_dim to embedding_dim). The M codebooks are one (M*K) x code_dim table: codebook m is rows
+    m*K .. m*K+K-1, so a lookup is two Gathers and a sum in ONNX too."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, num_codebooks: int, codebook_size: int,
+                 code_dim: int | None = None, linear: bool = False, padding_idx: int | None = None):
+        super().__init__()
+        code_dim = code_dim or embedding_dim
+        if not linear and code_dim != embedding_dim:
+            raise ValueError(f"code_dim {code_dim} != embedding dim {embedding_dim} needs linear=True")
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.num_codebooks, self.codebook_size, self.code_dim = num_codebooks, codebook_size, code_dim
+        self.register_buffer("codes", torch.zeros(num_embeddings, num_codebooks, dtype=code_dtype(codebook_size)))
+        self.codebooks = nn.Parameter(torch.zeros(num_codebooks * codebook_size, code_dim))
+        self.proj = nn.Linear(code_dim, embedding_dim) if linear else None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # gather the small integer codes first and widen after, so the table stays uint8 in ONNX too
+        offsets = torch.arange(self.num_codebooks, device=input_ids.device) * self.codebook_size
+        rows = self.codes[input_ids].long() + offsets
+        out = nn.functional.embedding(rows, self.codebooks).sum(dim=-2)
+        return self.proj(out) if self.proj is not None else out
+
+
+def byte_bits_table() -> torch.Tensor:
+    """[256, 8] float: the bits of each byte value, most significant first."""
+    values = torch.arange(256).unsqueeze(1)
+    shifts = torch.arange(7, -1, -1).unsqueeze(0)
+    return ((values >> shifts) & 1).float()
+
+
+class BinaryEmbedding(nn.Module):
+    """Binarized embeddings (Tissier et al. 2019): token t is `bits` binary digits stored 8 to a byte,
+    decoded by a Linear(bits, embedding_dim). Unpacking is a Gather in a 256 x 8 table of bits (a
+    persistent buffer: it must exist after any loader, and it exports as a plain Gather)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, padding_idx: int | None = None):
+        super().__init__()
+        if bits % 8:
+            raise ValueError(f"bits must be a multiple of 8, got {bits}")
+        self.num_embeddings, self.embedding_dim, self.padding_idx, self.bits = num_embeddings, embedding_dim, padding_idx, bits
+        self.register_buffer("packed", torch.zeros(num_embeddings, bits // 8, dtype=torch.uint8))
+        self.register_buffer("bit_table", byte_bits_table())
+        self.decoder = nn.Linear(bits, embedding_dim)
+
+    def unpacked(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[..., bits] float 0/1."""
+        bits = self.bit_table[self.packed[input_ids].long()]  # [..., bytes, 8]
+        return bits.flatten(-2)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.unpacked(input_ids))
+
+
 # Embedding kinds a manifest may name. Each builder gets (spec, num_embeddings, dim, padding_idx)
-# and returns an empty module of the right shapes. New kinds (codes, binary) register here.
+# and returns an empty module of the right shapes.
 EMBEDDING_BUILDERS = {
     "factorized": lambda spec, n, d, pad: FactorizedEmbedding(n, d, int(spec["rank"]), pad),
+    # spec: {"codebooks": M, "codebook_size": K, "code_dim": d, "linear": bool}
+    "codes": lambda spec, n, d, pad: CodeEmbedding(
+        n, d, int(spec["codebooks"]), int(spec["codebook_size"]), int(spec.get("code_dim") or d), bool(spec.get("linear", False)), pad
+    ),
+    # spec: {"bits": B}
+    "binary": lambda spec, n, d, pad: BinaryEmbedding(n, d, int(spec["bits"]), pad),
 }
 
 

@@ -1,0 +1,237 @@
+"""Word embeddings as compositional codes (Shu & Nakayama 2018), learned to reconstruct the original.
+
+Every token becomes M integers in [0, K); its embedding is the sum of the chosen row of each of M
+codebooks (K x code_dim), optionally mapped to the hidden size by a Linear (runtime.CodeEmbedding).
+all-MiniLM-L6-v2's 30522 x 384 float table (46.9 MB) becomes 30522 x 32 bytes of codes plus 32 x 16
+x 384 floats of codebooks (1.8 MB) with the defaults.
+
+Learning (`learn_codes`), on the embedding rows alone (no forward pass through the encoder):
+1. Token weights: each row's reconstruction error counts 1 + frequency_weight * log(1 + n), n the
+   token's count in the calibration data, so frequent tokens matter more and unseen ones still count.
+2. A Gumbel-softmax autoencoder: encoder e -> tanh MLP -> M x K logits; a (straight-through) Gumbel
+   sample per codebook picks one row of each; the decoder sums them. Trained on minibatches of rows
+   with Adam while the temperature anneals, so the samples harden towards the argmax used at the end.
+3. The codes are the argmax of the logits (no noise). With codes fixed, the codebooks are refit by
+   weighted least squares (exact: the decoder is linear in them), which closes the gap the soft
+   training leaves. With a Linear map, the least-squares table is truncated to code_dim by SVD.
+
+The encoder then adapts to the new embeddings in the recipe's `distill` step (codes stay fixed; the
+codebooks and the encoder train).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from ..registry import Context, Plan, StepResult, Strict, register
+
+
+class CodesOptions(Strict):
+    codebooks: int = Field(32, ge=1, le=256, description="M: codes per token (one per codebook)")
+    codebook_size: int = Field(16, ge=2, le=32768, description="K: vectors per codebook (K <= 256 stores codes as uint8)")
+    code_dim: int | None = Field(None, ge=1, description="codebook vector size; smaller than the hidden size needs linear: true")
+    linear: bool = Field(False, description="map the summed codebook vectors to the hidden size with a learned Linear")
+    steps: int = Field(3000, ge=1, description="autoencoder optimizer steps")
+    batch_size: int = Field(512, ge=1, description="embedding rows per step")
+    lr: float = Field(3e-3, gt=0)
+    temperature: float = Field(1.0, gt=0, description="Gumbel-softmax temperature at the start")
+    final_temperature: float = Field(0.1, gt=0, description="temperature at the end (annealed geometrically)")
+    frequency_weight: float = Field(1.0, ge=0, description="row weight 1 + this x log(1 + count in the calibration data); 0: all rows equal")
+    refit: bool = Field(True, description="refit the codebooks by weighted least squares once the codes are fixed")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.code_dim is not None and not self.linear:
+            raise ValueError("code_dim needs linear: true (without it the codebooks have the hidden size)")
+        return self
+
+
+# --- token weights -------------------------------------------------------------------------------
+
+
+def token_counts(batches: list[dict], vocab_size: int) -> torch.Tensor:
+    """How often each token id occurs (real tokens only) in tokenized batches."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for batch in batches:
+        ids = batch["input_ids"].detach().cpu()
+        mask = batch.get("attention_mask")
+        ids = ids[mask.cpu().bool()] if mask is not None else ids.reshape(-1)
+        counts += torch.bincount(ids.reshape(-1), minlength=vocab_size)[:vocab_size].double()
+    return counts
+
+
+def row_weights(counts: torch.Tensor, frequency_weight: float) -> torch.Tensor:
+    """1 + frequency_weight * log(1 + count): never zero, growing slowly with frequency."""
+    return (1 + frequency_weight * torch.log1p(counts)).float()
+
+
+# --- the autoencoder -------------------------------------------------------------------------------
+
+
+class CodeLearner(torch.nn.Module):
+    """Encoder (MLP -> M x K logits) and decoder (summed codebook rows, optional Linear)."""
+
+    def __init__(self, dim: int, M: int, K: int, code_dim: int, linear: bool):
+        super().__init__()
+        self.M, self.K = M, K
+        hidden = max(64, M * K // 2)
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, M * K))
+        self.codebooks = torch.nn.Parameter(torch.randn(M * K, code_dim) * (1 / math.sqrt(M * code_dim)))
+        self.proj = torch.nn.Linear(code_dim, dim) if linear else None
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.encoder(rows).view(-1, self.M, self.K)
+
+    def decode(self, onehots: torch.Tensor) -> torch.Tensor:
+        """[B, M, K] (soft or hard) -> [B, dim]."""
+        out = onehots.reshape(onehots.shape[0], -1) @ self.codebooks
+        return self.proj(out) if self.proj is not None else out
+
+
+def onehot_codes(codes: torch.Tensor, K: int) -> torch.Tensor:
+    return F.one_hot(codes.long(), K).float()
+
+
+def weighted_error(table: torch.Tensor, recon: torch.Tensor, weights: torch.Tensor) -> float:
+    """Weighted relative squared error: sum w ||e' - e||^2 / sum w ||e||^2."""
+    num = (weights * ((recon - table) ** 2).sum(-1)).sum()
+    return float(num / (weights * (table**2).sum(-1)).sum())
+
+
+def refit_codebooks(table: torch.Tensor, codes: torch.Tensor, weights: torch.Tensor, K: int, chunk: int = 4096) -> torch.Tensor:
+    """argmin_C sum_i w_i ||sum_m C[m*K + codes[i, m]] - e_i||^2, in float64, with a tiny ridge
+    (the one-hot design is rank deficient: each codebook's columns sum to one)."""
+    M = codes.shape[1]
+    offsets = torch.arange(M) * K
+    gram = torch.zeros(M * K, M * K, dtype=torch.float64)
+    rhs = torch.zeros(M * K, table.shape[1], dtype=torch.float64)
+    for start in range(0, table.shape[0], chunk):
+        rows = codes[start : start + chunk].long() + offsets
+        design = torch.zeros(rows.shape[0], M * K, dtype=torch.float64).scatter_(1, rows, 1.0)
+        w = weights[start : start + chunk].double().unsqueeze(1)
+        gram += design.T @ (w * design)
+        rhs += design.T @ (w * table[start : start + chunk].double())
+    ridge = 1e-6 * gram.diagonal().mean() + 1e-12
+    solution = torch.linalg.solve(gram + ridge * torch.eye(M * K, dtype=torch.float64), rhs)
+    return solution.float()
+
+
+def learn_codes(
+    table: torch.Tensor,
+    weights: torch.Tensor,
+    M: int,
+    K: int,
+    *,
+    code_dim: int | None = None,
+    linear: bool = False,
+    steps: int = 3000,
+    batch_size: int = 512,
+    lr: float = 3e-3,
+    temperature: float = 1.0,
+    final_temperature: float = 0.1,
+    refit: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Codes and decoder for every row of `table` [V, dim]. Returns (state for runtime.CodeEmbedding,
+    stats with the weighted relative reconstruction error)."""
+    from ..console import progress as progress_bar
+    from ..surgery.runtime import code_dtype
+
+    table = table.detach().float().cpu()
+    weights = weights.float().cpu()
+    V, dim = table.shape
+    code_dim = code_dim or dim
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    learner = CodeLearner(dim, M, K, code_dim, linear)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, 10 * (1 - s / steps)))  # flat, then decay the last 10%
+    losses = []
+    with progress_bar() as bar:
+        task = bar.add_task("embedding codes", total=steps, status="", visible=progress)
+        for step in range(steps):
+            tau = temperature * (final_temperature / temperature) ** (step / max(1, steps - 1))
+            index = torch.randint(0, V, (min(batch_size, V),), generator=generator)
+            rows, w = table[index], weights[index]
+            # straight-through: the forward pass uses one code per codebook, as the result will
+            sample = F.gumbel_softmax(learner.logits(rows), tau=tau, hard=True, dim=-1)
+            loss = (w * ((learner.decode(sample) - rows) ** 2).sum(-1)).sum() / w.sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            if step % 50 == 0 or step == steps - 1:
+                bar.update(task, completed=step + 1, status=f"loss {sum(losses[-50:]) / len(losses[-50:]):.4f} tau {tau:.2f}")
+
+    with torch.no_grad():
+        codes = torch.cat([learner.logits(table[s : s + 8192]).argmax(-1) for s in range(0, V, 8192)])
+        recon = torch.cat([learner.decode(onehot_codes(codes[s : s + 8192], K)) for s in range(0, V, 8192)])
+        stats = {"error_autoencoder": round(weighted_error(table, recon, weights), 5)}
+        codebooks = learner.codebooks.detach().clone()
+        proj = learner.proj
+        state_proj = {"proj.weight": proj.weight.detach().clone(), "proj.bias": proj.bias.detach().clone()} if proj is not None else {}
+        if refit:
+            full = refit_codebooks(table, codes, weights, K)  # [M*K, dim]
+            if linear:  # rank-code_dim truncation of the least-squares table: codebooks @ proj.weight^T
+                u, s, vh = torch.linalg.svd(full.double(), full_matrices=False)
+                codebooks = (u[:, :code_dim] * s[:code_dim]).float()
+                state_proj = {"proj.weight": vh[:code_dim].T.float().contiguous(), "proj.bias": torch.zeros(dim)}
+            else:
+                codebooks = full
+            recon = _decode_state(codes, codebooks, state_proj, K)
+        stats["error"] = round(weighted_error(table, recon, weights), 5)
+        stats["error_unweighted"] = round(weighted_error(table, recon, torch.ones(V)), 5)
+        stats["codes_used"] = _used(codes, K)
+    state = {"codes": codes.to(code_dtype(K)), "codebooks": codebooks.contiguous(), **state_proj}
+    stats["loss_first"], stats["loss_last"] = round(losses[0], 5), round(sum(losses[-50:]) / len(losses[-50:]), 5)
+    return state, stats
+
+
+def _used(codes: torch.Tensor, K: int) -> float:
+    """Mean fraction of each codebook's K rows that some token uses (collapse shows as a low value)."""
+    return round(sum(codes[:, m].unique().numel() for m in range(codes.shape[1])) / (K * codes.shape[1]), 3)
+
+
+def _decode_state(codes, codebooks, state_proj, K) -> torch.Tensor:
+    offsets = torch.arange(codes.shape[1]) * K
+    out = F.embedding(codes.long() + offsets, codebooks).sum(-2)
+    if state_proj:
+        out = out @ state_proj["proj.weight"].T + state_proj["proj.bias"]
+    return out
+
+
+def embedding_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every tensor of a word-embedding module (what the checkpoint stores for it)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+@register("embedding.codes", options=CodesOptions)
+def embedding_codes(ctx: Context, target, options: CodesOptions) -> StepResult:
+    """Replace the word embeddings by compositional codes (M codes of K values per token) learned to reconstruct them."""
+    from ..errors import BadInputError
+    from ..surgery import word_embeddings_of
+
+    old = word_embeddings_of(ctx.model)
+    if not isinstance(old, torch.nn.Embedding):
+        raise BadInputError(f"word embeddings are already replaced ({type(old).__name__})", hint="use one embedding recipe per model")
+    dim = old.embedding_dim
+    if options.code_dim is not None and options.code_dim > dim:
+        raise BadInputError(f"embedding.codes: code_dim {options.code_dim} is larger than the embedding size {dim}")
+    counts = token_counts(ctx.calibration, old.num_embeddings)
+    weights = row_weights(counts, options.frequency_weight)
+    state, stats = learn_codes(
+        old.weight, weights, options.codebooks, options.codebook_size, code_dim=options.code_dim, linear=options.linear,
+        steps=options.steps, batch_size=options.batch_size, lr=options.lr, temperature=options.temperature,
+        final_temperature=options.final_temperature, refit=options.refit, seed=ctx.seed,
+    )
+    spec = {"codebooks": options.codebooks, "codebook_size": options.codebook_size, "code_dim": options.code_dim or dim, "linear": options.linear}
+    stats["tokens_seen"] = int((counts > 0).sum())
+    stats["bytes_before"] = old.weight.numel() * old.weight.element_size()
+    stats["bytes_after"] = sum(t.numel() * t.element_size() for t in state.values())
+    return StepResult(plan=Plan(embedding=("codes", spec, state)), stats=stats)

@@ -1,0 +1,227 @@
+"""Word embeddings as compositional codes (embedding.codes) and binary codes (embedding.binary):
+learning, storage dtypes and shapes, exact reload (shrink and trust_remote_code), ONNX parity,
+chaining with head pruning, bad options."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import main_output, tiny_inputs, tiny_model
+from test_prune import SENTENCES, assert_exit
+from test_slim import REMOTE
+from test_data import tiny_tokenizer
+from shrink import surgery
+from shrink.cli import app
+from shrink.errors import BadInputError
+from shrink.export import export_onnx
+from shrink.hub import load_model
+from shrink.methods.embedding_binary import learn_binary, pack_bits
+from shrink.methods.embedding_codes import learn_codes, row_weights, token_counts, weighted_error
+from shrink.slim import save_slim
+from shrink.surgery.runtime import BinaryEmbedding, CodeEmbedding, byte_bits_table
+
+runner = CliRunner()
+
+
+def structured_table(rows: int = 300, dim: int = 16, seed: int = 0) -> torch.Tensor:
+    """Rows with low-rank structure plus noise, like real embeddings (random rows are incompressible)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 4, generator=g) @ torch.randn(4, dim, generator=g) + 0.3 * torch.randn(rows, dim, generator=g)
+
+
+def coded(model, kind="codes", **kw):
+    """Install learned codes into a tiny model's word embeddings (as the pipeline does)."""
+    table = surgery.word_embeddings_of(model).weight
+    weights = torch.ones(table.shape[0])
+    if kind == "codes":
+        M, K = kw.pop("M", 4), kw.pop("K", 8)
+        state, _ = learn_codes(table, weights, M, K, steps=60, progress=False, **kw)
+        spec = {"codebooks": M, "codebook_size": K, "code_dim": kw.get("code_dim") or table.shape[1], "linear": kw.get("linear", False)}
+    else:
+        state, _ = learn_binary(table, weights, kw.get("bits", 16), steps=60, progress=False)
+        spec = {"bits": kw.get("bits", 16)}
+    surgery.install_word_embeddings(model, kind, spec, state)
+    return model
+
+
+def test_reconstruction_improves_with_codebooks_and_size():
+    table, weights = structured_table(), torch.ones(300)
+    errors = [learn_codes(table, weights, M, K, steps=80, progress=False, seed=0)[1]["error"] for M, K in [(1, 4), (2, 8), (4, 16), (8, 32)]]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.5 * errors[0], errors
+
+
+def test_refit_never_worse_than_the_autoencoder_decoder():
+    _, stats = learn_codes(structured_table(), torch.ones(300), 4, 8, steps=100, progress=False)
+    assert stats["error"] <= stats["error_autoencoder"] + 1e-6
+    _, stats = learn_binary(structured_table(), torch.ones(300), 16, steps=100, progress=False)
+    assert stats["error"] <= stats["error_autoencoder"] + 1e-6
+
+
+def test_frequent_rows_are_reconstructed_better():
+    table = structured_table()
+    heavy = torch.ones(300)
+    heavy[:30] = 50.0
+    state_flat, _ = learn_codes(table, torch.ones(300), 2, 4, steps=150, progress=False)
+    state_heavy, _ = learn_codes(table, heavy, 2, 4, steps=150, progress=False)
+
+    def first_rows_error(state):
+        module = CodeEmbedding(300, 16, 2, 4)
+        module.load_state_dict(state)
+        with torch.no_grad():
+            return weighted_error(table[:30], module(torch.arange(30)), torch.ones(30))
+
+    assert first_rows_error(state_heavy) < first_rows_error(state_flat)
+
+
+def test_token_counts_ignore_padding_and_weights_stay_positive():
+    batch = {"input_ids": torch.tensor([[5, 6, 6, 0], [6, 0, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])}
+    counts = token_counts([batch], 10)
+    assert counts[6] == 3 and counts[5] == 1 and counts[0] == 0
+    weights = row_weights(counts, 1.0)
+    assert (weights >= 1).all() and weights[6] > weights[5] > weights[0]
+
+
+@pytest.mark.parametrize("K, dtype", [(16, torch.uint8), (256, torch.uint8), (300, torch.int16)])
+def test_codes_dtype_and_shapes(K, dtype):
+    state, _ = learn_codes(structured_table(rows=40), torch.ones(40), 3, K, steps=5, progress=False)
+    assert state["codes"].dtype == dtype and state["codes"].shape == (40, 3)
+    assert int(state["codes"].max()) < K and state["codebooks"].shape == (3 * K, 16)
+    state, _ = learn_codes(structured_table(rows=40), torch.ones(40), 3, K, code_dim=4, linear=True, steps=5, progress=False)
+    assert state["codebooks"].shape == (3 * K, 4) and state["proj.weight"].shape == (16, 4)
+
+
+def test_code_embedding_is_the_sum_of_codebook_rows():
+    module = CodeEmbedding(5, 3, num_codebooks=2, codebook_size=4)
+    with torch.no_grad():
+        module.codebooks.copy_(torch.arange(24, dtype=torch.float32).view(8, 3))
+        module.codes.copy_(torch.tensor([[0, 0], [1, 3], [2, 1], [3, 2], [0, 3]], dtype=torch.uint8))
+    out = module(torch.tensor([[1, 4]]))
+    expected = torch.stack([module.codebooks[1] + module.codebooks[4 + 3], module.codebooks[0] + module.codebooks[4 + 3]])
+    assert torch.equal(out[0], expected)
+
+
+def test_bits_pack_and_unpack_exactly():
+    bits = (torch.rand(7, 24, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    module = BinaryEmbedding(7, 4, 24)
+    with torch.no_grad():
+        module.packed.copy_(pack_bits(bits))
+        module.bit_table.copy_(byte_bits_table())
+    assert pack_bits(bits).dtype == torch.uint8 and pack_bits(bits).shape == (7, 3)
+    assert torch.equal(module.unpacked(torch.arange(7)), bits)
+
+
+CASES = [("codes", {}), ("codes", {"K": 300, "code_dim": 8, "linear": True}), ("binary", {})]
+
+
+@pytest.mark.parametrize("kind, kw", CASES)
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_reload_is_bit_exact_and_onnx_matches(kind, kw, arch, tmp_path):
+    model = coded(tiny_model(arch, task="seq"), kind, **dict(kw))
+    surgery.prune_heads(model, {0: [1, 3]})
+    inputs = tiny_inputs(model)
+    out = save_slim(model, tmp_path / "slim")
+    reloaded = load_model(str(out))
+    for (name, a), (name_b, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert name == name_b and a.dtype == b.dtype and torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(main_output(model(**inputs)), main_output(reloaded(**inputs)))
+    report = export_onnx(model, tmp_path / "m.onnx")
+    assert max(report["max_abs_diff"].values()) <= 1e-4
+
+
+def test_trust_remote_code_rebuilds_codes_and_bits(tmp_path):
+    """One subprocess (importing transformers is the slow part) loads both checkpoints without shrink."""
+    expected = {}
+    for kind, kw in (CASES[0], CASES[2]):
+        model = coded(tiny_model("bert", task="seq"), kind, **dict(kw))
+        inputs = tiny_inputs(model)
+        out = save_slim(model, tmp_path / kind)
+        torch.save(inputs, out / "inputs.pt")
+        with torch.no_grad():
+            expected[kind] = main_output(model(**inputs))
+    script = f"import sys\nfor path in sys.argv[3:]:\n    sys.argv[1] = path\n    exec({REMOTE!r})"
+    result = subprocess.run(
+        [sys.executable, "-c", script, "-", "AutoModelForSequenceClassification", *(str(tmp_path / k) for k in expected)],
+        capture_output=True, text=True, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for kind, want in expected.items():
+        torch.testing.assert_close(torch.load(tmp_path / kind / "remote_out.pt"), want, atol=1e-6, rtol=0)
+
+
+def test_second_embedding_replacement_is_refused():
+    model = coded(tiny_model("bert"))
+    with pytest.raises(BadInputError, match="already replaced"):
+        surgery.install_word_embeddings(model, "binary", {"bits": 8}, {})
+
+
+# --- the recipes through `shrink prune` -------------------------------------------------------------
+
+FAST_CODES = [
+    "--set", "embedding-codes.steps.0.options.steps=30", "--set", "embedding-codes.steps.0.options.codebooks=4",
+    "--set", "embedding-codes.steps.0.options.codebook_size=8", "--set", "embedding-codes.steps.1.options.max_steps=2"]
+FAST_HEADS = [
+    "--set", "heads-a-star.steps.0.target={heads_count: 4}", "--set", "heads-a-star.steps.0.options.calibration_samples=8",
+    "--set", "heads-a-star.steps.0.options.max_evaluations=10", "--set", "heads-a-star.steps.1.options.max_steps=1",
+]
+COMMON = ["--max-samples", "16", "--eval-samples", "8", "--max-length", "32", "--no-export"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("codes")
+    model = tiny_model("bert")
+    model.config.architectures = ["BertModel"]
+    model.save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    (root / "data.txt").write_text("\n".join(SENTENCES) + "\n")
+    return root
+
+
+def prune(setup, out, recipes, *extra):
+    args = ["prune", str(setup / "model"), "--data", str(setup / "data.txt"), "-o", str(out), *COMMON]
+    for recipe in recipes:
+        args += ["--recipe", recipe]
+    return runner.invoke(app, [*args, *map(str, extra)])
+
+
+def test_chains_after_head_pruning(setup, tmp_path):
+    result = prune(setup, tmp_path / "slim", ["heads-a-star", "embedding-codes"], *FAST_HEADS, *FAST_CODES, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert sum(report["after"]["heads_per_layer"]) == 12 - 4
+    stats = report["steps"][2]["stats"]
+    assert stats["bytes_after"] < stats["bytes_before"] and 0 < stats["tokens_seen"] <= 99
+    slim = load_model(str(tmp_path / "slim"))
+    assert isinstance(surgery.word_embeddings_of(slim), CodeEmbedding)
+    assert [op["op"] for op in slim.config.shrink["ops"]][-1] == "embedding"
+
+
+def test_binary_recipe_runs(setup, tmp_path):
+    fast = ["--set", "steps.0.options.steps=20", "--set", "steps.0.options.bits=16", "--set", "steps.1.options.max_steps=1"]
+    result = prune(setup, tmp_path / "slim", ["embedding-binary"], *fast)
+    assert result.exit_code == 0, result.output
+    assert isinstance(surgery.word_embeddings_of(load_model(str(tmp_path / "slim"))), BinaryEmbedding)
+
+
+@pytest.mark.parametrize("recipes, override, message", [
+    (["embedding-codes"], "steps.0.options.codebooks=0", "codebooks"),
+    (["embedding-codes"], "steps.0.options.code_dim=8", "needs linear: true"),
+    (["embedding-codes"], "steps.0.options.codebook_size=1", "codebook_size"),
+    (["embedding-binary"], "steps.0.options.bits=12", "multiple of 8"),
+])
+def test_bad_options_exit_2(setup, tmp_path, recipes, override, message):
+    assert_exit(prune(setup, tmp_path / "o", recipes, "--set", override), 2, message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_two_embedding_recipes_exit_2(setup, tmp_path):
+    fast = ["--set", "embedding-codes.steps.0.options.steps=5", "--set", "embedding-codes.steps.1.options.max_steps=1"]
+    result = prune(setup, tmp_path / "o", ["embedding-codes", "embedding-binary"], *fast)
+    assert_exit(result, 2, "already replaced")
