@@ -22,9 +22,9 @@ from shrink.errors import BadInputError
 from shrink.export import export_onnx
 from shrink.hub import load_model
 from shrink.methods.embedding_binary import learn_binary, pack_bits
-from shrink.methods.embedding_codes import learn_codes, row_weights, token_counts, weighted_error
+from shrink.methods.embedding_codes import add_frequent_tier, learn_codes, row_weights, token_counts, weighted_error
 from shrink.slim import save_slim
-from shrink.surgery.runtime import BinaryEmbedding, CodeEmbedding, byte_bits_table
+from shrink.surgery.runtime import BinaryEmbedding, CodeEmbedding, TieredCodeEmbedding, byte_bits_table
 
 runner = CliRunner()
 
@@ -43,6 +43,11 @@ def coded(model, kind="codes", **kw):
         M, K = kw.pop("M", 4), kw.pop("K", 8)
         state, _ = learn_codes(table, weights, M, K, steps=60, progress=False, **kw)
         spec = {"codebooks": M, "codebook_size": K, "code_dim": kw.get("code_dim") or table.shape[1], "linear": kw.get("linear", False)}
+    elif kind == "tiered_codes":
+        counts = torch.arange(table.shape[0], dtype=torch.float64) % 7  # some tokens unseen
+        state, _ = learn_codes(table, weights, 2, 8, steps=40, progress=False)
+        state, stats = add_frequent_tier(table, weights, counts, state, 20, 3, 8, steps=40, progress=False)
+        spec = {"codebooks": 2, "codebook_size": 8, "extra_codebooks": 3, "frequent_tokens": stats["frequent_tokens"]}
     else:
         state, _ = learn_binary(table, weights, kw.get("bits", 16), steps=60, progress=False)
         spec = {"bits": kw.get("bits", 16)}
@@ -77,6 +82,24 @@ def test_frequent_rows_are_reconstructed_better():
             return weighted_error(table[:30], module(torch.arange(30)), torch.ones(30))
 
     assert first_rows_error(state_heavy) < first_rows_error(state_flat)
+
+
+def test_extra_codes_for_frequent_tokens_reduce_their_error():
+    table, weights = structured_table(), torch.ones(300)
+    counts = torch.zeros(300, dtype=torch.float64)
+    counts[100:130] = torch.arange(30, 0, -1).double()  # 30 tokens seen; the 10 most frequent are 100..109
+    state, _ = learn_codes(table, weights, 2, 8, steps=80, progress=False)
+    tiered, stats = add_frequent_tier(table, weights, counts, state, 10, 4, 8, steps=80, progress=False)
+    assert stats["frequent_tokens"] == 10 and stats["frequent_error_after"] < 0.8 * stats["frequent_error_before"]
+    assert tiered["extra_row"][100:110].tolist() == list(range(10)) and (tiered["extra_row"][:100] == 10).all()
+    assert tiered["extra_codes"].shape == (11, 4) and tiered["extra_books"].shape == (4 * 8, 16)
+    module = TieredCodeEmbedding(300, 16, 2, 8, extra_codebooks=4, frequent_tokens=10)
+    module.load_state_dict(tiered)
+    base = CodeEmbedding(300, 16, 2, 8)
+    base.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(module(torch.arange(100)), base(torch.arange(100)))  # others: base codes only
+        assert weighted_error(table[100:110], module(torch.arange(100, 110)), torch.ones(10)) == pytest.approx(stats["frequent_error_after"], rel=1e-3)
 
 
 def test_token_counts_ignore_padding_and_weights_stay_positive():
@@ -116,7 +139,7 @@ def test_bits_pack_and_unpack_exactly():
     assert torch.equal(module.unpacked(torch.arange(7)), bits)
 
 
-CASES = [("codes", {}), ("codes", {"K": 300, "code_dim": 8, "linear": True}), ("binary", {})]
+CASES = [("codes", {}), ("codes", {"K": 300, "code_dim": 8, "linear": True}), ("binary", {}), ("tiered_codes", {})]
 
 
 @pytest.mark.parametrize("kind, kw", CASES)
@@ -203,6 +226,15 @@ def test_chains_after_head_pruning(setup, tmp_path):
     assert [op["op"] for op in slim.config.shrink["ops"]][-1] == "embedding"
 
 
+def test_adaptive_codes_through_prune(setup, tmp_path):
+    fast = [*FAST_CODES, "--set", "steps.0.options.frequent_tokens=5", "--set", "steps.0.options.extra_codebooks=2"]
+    result = prune(setup, tmp_path / "slim", ["embedding-codes"], *(a.replace("embedding-codes.", "") for a in fast), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"][0]["stats"]["adaptive"]["frequent_tokens"] == 5
+    module = surgery.word_embeddings_of(load_model(str(tmp_path / "slim")))
+    assert isinstance(module, TieredCodeEmbedding) and int((module.extra_row < 5).sum()) == 5
+
+
 def test_binary_recipe_runs(setup, tmp_path):
     fast = ["--set", "steps.0.options.steps=20", "--set", "steps.0.options.bits=16", "--set", "steps.1.options.max_steps=1"]
     result = prune(setup, tmp_path / "slim", ["embedding-binary"], *fast)
@@ -215,6 +247,7 @@ def test_binary_recipe_runs(setup, tmp_path):
     (["embedding-codes"], "steps.0.options.code_dim=8", "needs linear: true"),
     (["embedding-codes"], "steps.0.options.codebook_size=1", "codebook_size"),
     (["embedding-binary"], "steps.0.options.bits=12", "multiple of 8"),
+    (["embedding-codes"], "steps.0.options={frequent_tokens: 5, linear: true, code_dim: 8}", "does not combine"),
 ])
 def test_bad_options_exit_2(setup, tmp_path, recipes, override, message):
     assert_exit(prune(setup, tmp_path / "o", recipes, "--set", override), 2, message)

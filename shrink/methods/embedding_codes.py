@@ -15,6 +15,11 @@ Learning (`learn_codes`), on the embedding rows alone (no forward pass through t
    weighted least squares (exact: the decoder is linear in them), which closes the gap the soft
    training leaves. With a Linear map, the least-squares table is truncated to code_dim by SVD.
 
+Adaptive variant (after Kim et al. 2020; `frequent_tokens: N`): the N most frequent tokens of the
+calibration data get `extra_codebooks` more codes, into codebooks of their own, learned the same way on
+what the base codes leave unexplained for those tokens (runtime.TieredCodeEmbedding). Frequent tokens
+are most of any text, so their extra capacity is where it counts, at N x extra_codebooks bytes.
+
 The encoder then adapts to the new embeddings in the recipe's `distill` step (codes stay fixed; the
 codebooks and the encoder train).
 """
@@ -42,11 +47,15 @@ class CodesOptions(Strict):
     final_temperature: float = Field(0.1, gt=0, description="temperature at the end (annealed geometrically)")
     frequency_weight: float = Field(1.0, ge=0, description="row weight 1 + this x log(1 + count in the calibration data); 0: all rows equal")
     refit: bool = Field(True, description="refit the codebooks by weighted least squares once the codes are fixed")
+    frequent_tokens: int = Field(0, ge=0, description="adaptive variant: this many most frequent tokens of the calibration data get extra codes")
+    extra_codebooks: int = Field(16, ge=1, le=256, description="adaptive variant: extra codes (into codebooks of their own) per frequent token")
 
     @model_validator(mode="after")
     def _check(self):
         if self.code_dim is not None and not self.linear:
             raise ValueError("code_dim needs linear: true (without it the codebooks have the hidden size)")
+        if self.frequent_tokens and self.linear:
+            raise ValueError("frequent_tokens (the adaptive variant) does not combine with linear: true")
         return self
 
 
@@ -206,9 +215,33 @@ def _decode_state(codes, codebooks, state_proj, K) -> torch.Tensor:
     return out
 
 
-def embedding_bytes(module: torch.nn.Module) -> int:
-    """Bytes of every tensor of a word-embedding module (what the checkpoint stores for it)."""
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+def add_frequent_tier(table, weights, counts, state: dict, frequent_tokens: int, extra_codebooks: int, K: int, **learn) -> tuple[dict, dict]:
+    """The adaptive variant: the most frequent tokens get `extra_codebooks` more codes, learned on what the
+    base codes leave unexplained (the residual) of those tokens alone. Returns the TieredCodeEmbedding
+    state and stats."""
+    from ..surgery.runtime import code_dtype
+
+    table = table.detach().float().cpu()
+    seen = int((counts > 0).sum())
+    n = min(frequent_tokens, seen)
+    frequent = torch.argsort(counts, descending=True, stable=True)[:n]
+    base = _decode_state(state["codes"], state["codebooks"], {}, K)
+    extra, stats = learn_codes(table[frequent] - base[frequent], weights[frequent], extra_codebooks, K, **learn)
+    extra_row = torch.full((table.shape[0],), n, dtype=torch.long)
+    extra_row[frequent] = torch.arange(n)
+    padding_row = torch.zeros(1, extra_codebooks, dtype=extra["codes"].dtype)
+    tiered = {
+        **state,
+        "extra_row": extra_row.to(code_dtype(n + 1)),
+        "extra_codes": torch.cat([extra["codes"], padding_row]),
+        "extra_books": extra["codebooks"],
+    }
+    recon = base.clone()
+    recon[frequent] += _decode_state(extra["codes"], extra["codebooks"], {}, K)
+    stats = {"frequent_tokens": n, "frequent_error_before": round(weighted_error(table[frequent], base[frequent], weights[frequent]), 5),
+             "frequent_error_after": round(weighted_error(table[frequent], recon[frequent], weights[frequent]), 5),
+             "error": round(weighted_error(table, recon, weights), 5)}
+    return tiered, stats
 
 
 @register("embedding.codes", options=CodesOptions)
@@ -231,7 +264,18 @@ def embedding_codes(ctx: Context, target, options: CodesOptions) -> StepResult:
         final_temperature=options.final_temperature, refit=options.refit, seed=ctx.seed,
     )
     spec = {"codebooks": options.codebooks, "codebook_size": options.codebook_size, "code_dim": options.code_dim or dim, "linear": options.linear}
+    kind = "codes"
+    if options.frequent_tokens and int((counts > 0).sum()):
+        state, tier_stats = add_frequent_tier(
+            old.weight, weights, counts, state, options.frequent_tokens, options.extra_codebooks, options.codebook_size,
+            steps=options.steps, batch_size=options.batch_size, lr=options.lr, temperature=options.temperature,
+            final_temperature=options.final_temperature, refit=options.refit, seed=ctx.seed + 1,
+        )
+        stats["adaptive"] = tier_stats
+        kind = "tiered_codes"
+        spec = {"codebooks": options.codebooks, "codebook_size": options.codebook_size,
+                "extra_codebooks": options.extra_codebooks, "frequent_tokens": tier_stats["frequent_tokens"]}
     stats["tokens_seen"] = int((counts > 0).sum())
     stats["bytes_before"] = old.weight.numel() * old.weight.element_size()
     stats["bytes_after"] = sum(t.numel() * t.element_size() for t in state.values())
-    return StepResult(plan=Plan(embedding=("codes", spec, state)), stats=stats)
+    return StepResult(plan=Plan(embedding=(kind, spec, state)), stats=stats)

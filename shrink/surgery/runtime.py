@@ -23,6 +23,7 @@ Layer numbers in ops are ORIGINAL layer indices, so an op stays meaningful after
         (layer null: "module" is a path from the base model, e.g. "pooler.dense")
     {"op": "embedding", "kind": "factorized", "spec": {"rank": 64}}
     {"op": "embedding", "kind": "codes", "spec": {"codebooks": 32, "codebook_size": 16, "code_dim": 384, "linear": false}}
+    {"op": "embedding", "kind": "tiered_codes", "spec": {"codebooks": 16, "codebook_size": 16, "extra_codebooks": 16, "frequent_tokens": 4000}}
     {"op": "embedding", "kind": "binary", "spec": {"bits": 256}}
 """
 
@@ -277,6 +278,27 @@ class CodeEmbedding(nn.Module):
         return self.proj(out) if self.proj is not None else out
 
 
+class TieredCodeEmbedding(CodeEmbedding):
+    """Adaptive code lengths (after Kim et al. 2020), two tiers: every token has M base codes, and the
+    `frequent_tokens` most frequent ones also have `extra_codebooks` codes into codebooks of their own
+    (K rows each), added to the base sum. extra_row[t] is token t's row of extra_codes, or
+    frequent_tokens (a row that is masked out) when t has no extra codes."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, num_codebooks: int, codebook_size: int,
+                 extra_codebooks: int, frequent_tokens: int, padding_idx: int | None = None):
+        super().__init__(num_embeddings, embedding_dim, num_codebooks, codebook_size, padding_idx=padding_idx)
+        self.extra_codebooks, self.frequent_tokens = extra_codebooks, frequent_tokens
+        self.register_buffer("extra_row", torch.full((num_embeddings,), frequent_tokens, dtype=code_dtype(frequent_tokens + 1)))
+        self.register_buffer("extra_codes", torch.zeros(frequent_tokens + 1, extra_codebooks, dtype=code_dtype(codebook_size)))
+        self.extra_books = nn.Parameter(torch.zeros(extra_codebooks * codebook_size, embedding_dim))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        row = self.extra_row[input_ids].long()
+        offsets = torch.arange(self.extra_codebooks, device=input_ids.device) * self.codebook_size
+        extra = nn.functional.embedding(self.extra_codes[row].long() + offsets, self.extra_books).sum(dim=-2)
+        return super().forward(input_ids) + extra * (row < self.frequent_tokens).unsqueeze(-1).to(extra.dtype)
+
+
 def byte_bits_table() -> torch.Tensor:
     """[256, 8] float: the bits of each byte value, most significant first."""
     values = torch.arange(256).unsqueeze(1)
@@ -314,6 +336,10 @@ EMBEDDING_BUILDERS = {
     # spec: {"codebooks": M, "codebook_size": K, "code_dim": d, "linear": bool}
     "codes": lambda spec, n, d, pad: CodeEmbedding(
         n, d, int(spec["codebooks"]), int(spec["codebook_size"]), int(spec.get("code_dim") or d), bool(spec.get("linear", False)), pad
+    ),
+    # spec: {"codebooks": M, "codebook_size": K, "extra_codebooks": E, "frequent_tokens": N}
+    "tiered_codes": lambda spec, n, d, pad: TieredCodeEmbedding(
+        n, d, int(spec["codebooks"]), int(spec["codebook_size"]), int(spec["extra_codebooks"]), int(spec["frequent_tokens"]), pad
     ),
     # spec: {"bits": B}
     "binary": lambda spec, n, d, pad: BinaryEmbedding(n, d, int(spec["bits"]), pad),
