@@ -34,7 +34,13 @@ from shrink.evaluate import evaluate  # noqa: E402
 from shrink.pipeline import PruneSettings, build_session, run_step  # noqa: E402
 from shrink.recipe import load_recipe, validated  # noqa: E402
 
-RECIPES = ["embedding-codes", "embedding-binary"]
+# label -> (recipe, overrides)
+RECIPES = {
+    "embedding-codes": ("embedding-codes", []),
+    "embedding-codes adaptive": ("embedding-codes", ["steps.0.options.codebooks=24", "steps.0.options.frequent_tokens=4000", "steps.0.options.extra_codebooks=16"]),
+    "embedding-binary": ("embedding-binary", []),
+}
+MODEL = "minilm"
 SMOKE = False
 TEACHER_DISTILL = {"epochs": 2, "lr": 1e-4, "loss": ["task", "logits_kl"]}
 
@@ -49,22 +55,23 @@ def embedding_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in word_embeddings_of(model).state_dict().values())
 
 
-def run_recipe(ctx, recipe: str, distill_options: dict | None = None, metric=None) -> dict:
+def run_recipe(ctx, label: str, distill_options: dict | None = None, metric=None) -> dict:
     """Run a recipe's steps on ctx.model; the quality metric after each step."""
     rows = []
-    for step in load_recipe(recipe).steps:
+    recipe, overrides = RECIPES[label]
+    for step in load_recipe(recipe, overrides).steps:
         method, options, target = validated(step)
         if method.name == "distill" and distill_options is not None:
             options = method.options(**distill_options)
         if SMOKE:  # a quick run of the whole script, numbers meaningless
-            options = options.model_copy(update={"max_steps": 2} if method.name == "distill" else {"steps": 20})
+            options = options.model_copy(update={"max_steps": 2} if method.name == "distill" else {"steps": 20, "frequent_tokens": min(getattr(options, "frequent_tokens", 0), 10)})
         result, seconds = run_step(ctx, method, options, target)
         stats = {k: v for k, v in result.stats.items() if k != "distill"}
         if "distill" in result.stats:
             stats = {k: result.stats["distill"][k] for k in ("steps", "seconds", "objective")}
         rows.append({"method": method.name, "seconds": seconds, "quality": metric(ctx), "stats": stats})
         print(json.dumps(rows[-1]), flush=True)
-    return {"recipe": recipe, "steps": rows}
+    return {"recipe": label, "overrides": overrides, "steps": rows}
 
 
 def sizes_and_latency(original, slim, tokenizer, evaluation) -> dict:
@@ -97,7 +104,7 @@ def minilm_part(recipes: list[str], seed: int) -> dict:
     settings = PruneSettings(max_samples=None, eval_samples=None, max_length=128, batch_size=16, seed=seed)
     rows = []
     for recipe in recipes:
-        session = build_session("minilm", settings)
+        session = build_session(MODEL, settings)
         ctx = session.ctx
         cosine = lambda c: round(evaluate(c.model, c.evaluation, teacher=c.teacher, progress=False)["embedding_cosine"], 4)  # noqa: E731
         row = run_recipe(ctx, recipe, metric=cosine)
@@ -167,29 +174,33 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
+    global RESULTS, SMOKE, MODEL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["minilm", "teacher", "all"], default="all")
-    parser.add_argument("--recipes", nargs="+", default=RECIPES, choices=RECIPES)
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--teacher-recipes", nargs="+", default=["embedding-codes"], choices=list(RECIPES))
+    parser.add_argument("--model", default=MODEL, help="for --smoke runs on a tiny model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="20 autoencoder steps, 2 distillation steps, results to /tmp")
     args = parser.parse_args()
-    global RESULTS, SMOKE
+    MODEL = args.model
     if args.smoke:
         RESULTS, SMOKE = Path(tempfile.mkdtemp(prefix="embedding-smoke-")), True
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "embedding.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    started = time.perf_counter()
-    if args.part in ("minilm", "all"):
-        results["minilm"] = minilm_part(args.recipes, args.seed)
-    if args.part in ("teacher", "all"):
-        results["teacher"] = teacher_part(args.recipes, args.seed)
-    results.setdefault("seconds", {})[args.part] = round(time.perf_counter() - started, 1)
-    results["command"] = "flock /tmp/shrink-cpu.lock .venv/bin/python benchmarks/embedding_benchmark.py --part minilm|teacher"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "embedding.md").write_text(markdown(results))
+    results["command"] = "flock /tmp/shrink-cpu.lock .venv/bin/python benchmarks/embedding_benchmark.py --part minilm|teacher|all"
+    parts = {"minilm": lambda: minilm_part(args.recipes, args.seed), "teacher": lambda: teacher_part(args.teacher_recipes, args.seed)}
+    for part, run in parts.items():
+        if args.part not in (part, "all"):
+            continue
+        started = time.perf_counter()
+        results[part] = run()
+        results.setdefault("seconds", {})[part] = round(time.perf_counter() - started, 1)
+        path.write_text(json.dumps(results, indent=2) + "\n")  # after each part: a later failure keeps it
+        (RESULTS / "embedding.md").write_text(markdown(results))
     print(markdown(results))
 
 
