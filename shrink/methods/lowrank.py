@@ -9,7 +9,10 @@ W alone, according to `weighting`:
     diag     SVD of W diag(s), s_j = sqrt(E[x_j^2]) min E sum_j over input features of the weighted error
     whiten   SVD of W L, L L^T = E[x x^T]          min E ||(W - W') x||^2 exactly (Eckart-Young on W L)
 
-and the weighting is undone on `first`, so the layer still takes the raw input.
+and the weighting is undone on `first`, so the layer still takes the raw input. With `center` (the
+default) the statistics are of x - E[x]: the mean input's output W E[x] is a constant that the bias
+absorbs exactly (b' = b + (W - W') E[x]), so no rank is spent on it and the spectra compare what
+varies. (Post-GELU FFN inputs have a large mean; uncentered, it dominates their energy.)
 
 Ranks come from one global budget (a fraction of the ORIGINAL encoder's layer parameters, or of its
 layer FLOPs at a sequence length). The singular values of every matrix are cut into blocks of
@@ -60,6 +63,7 @@ class LowRankOptions(Strict):
     batch_size: int = Field(32, ge=1)
     seq_length: int = Field(128, ge=1, description="sequence length a flops_fraction target is measured at")
     damping: float = Field(1e-2, ge=0, description="whiten: added to the input covariance, times its mean diagonal")
+    center: bool = Field(True, description="weight by the input covariance and fold the mean into the bias")
 
     @model_validator(mode="after")
     def known_modules(self):
@@ -80,6 +84,7 @@ class Matrix:
     max_rank: int  # full rank, or the current rank of a LowRankLinear
     sigma2: torch.Tensor | None = None  # squared singular values of the weighted matrix
     basis: tuple | None = None  # (u, s, vh, unweight) to build factors from
+    mean: torch.Tensor | None = None  # E[x] when centered: the bias absorbs (W - W') E[x]
 
     @property
     def per_rank(self) -> int:
@@ -122,19 +127,21 @@ def candidates(model: nn.Module, modules: list[str]) -> list[Matrix]:
 
 
 @torch.no_grad()
-def input_statistics(model: nn.Module, matrices: list[Matrix], batches: list[dict], full: bool) -> list[torch.Tensor]:
-    """Per matrix: E[x x^T] over real (unpadded) tokens when `full`, else only its diagonal E[x^2]."""
+def input_statistics(model: nn.Module, matrices: list[Matrix], batches: list[dict], full: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per matrix over real (unpadded) tokens: (E[x x^T], or only its diagonal E[x^2] unless `full`; E[x])."""
     from ..distill import model_inputs
 
-    sums = [None] * len(matrices)
+    sums, means = [None] * len(matrices), [None] * len(matrices)
     count = [0]
     mask_now: list[torch.Tensor] = []
 
     def hook_for(i):
         def hook(module, args):
-            x = args[0][mask_now[0]].double()  # [tokens, in]
-            part = x.T @ x if full else (x * x).sum(dim=0)
+            x = args[0][mask_now[0]].float()  # [tokens, in]; float32 per batch, summed in float64
+            part = (x.T @ x if full else (x * x).sum(dim=0)).double()
             sums[i] = part if sums[i] is None else sums[i] + part
+            total = x.sum(dim=0).double()
+            means[i] = total if means[i] is None else means[i] + total
 
         return hook
 
@@ -150,7 +157,15 @@ def input_statistics(model: nn.Module, matrices: list[Matrix], batches: list[dic
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return [s / max(count[0], 1) for s in sums]
+    n = max(count[0], 1)
+    return [(s / n, m / n) for s, m in zip(sums, means)]
+
+
+def centered(second_moment: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Covariance (or variances, for a diagonal) from E[x x^T] and E[x]."""
+    if second_moment.dim() == 1:
+        return (second_moment - mean**2).clamp(min=0)
+    return second_moment - torch.outer(mean, mean)
 
 
 def weighted_spectrum(matrix: Matrix, stats: torch.Tensor | None, weighting: str, damping: float) -> None:
@@ -182,7 +197,11 @@ def factors(matrix: Matrix, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         first = torch.linalg.solve_triangular(unweight[1].T, first.T, upper=True).T
     second = u[:, :rank] * root[None, :]
     dtype = matrix.module.first.weight.dtype if isinstance(matrix.module, LowRankLinear) else matrix.module.weight.dtype
-    return first.to(dtype), second.to(dtype)
+    if matrix.mean is None:
+        return first.to(dtype), second.to(dtype)
+    bias = matrix.module.second.bias if isinstance(matrix.module, LowRankLinear) else matrix.module.bias
+    bias = bias.detach().double() + (matrix.weight - second @ first) @ matrix.mean
+    return first.to(dtype), second.to(dtype), bias.to(dtype)
 
 
 # --- budget and allocation ----------------------------------------------------------------------
@@ -261,7 +280,13 @@ def lowrank_svd(ctx: Context, target: LowRankTarget, options: LowRankOptions) ->
         batches = ctx.calibration_batches(options.calibration_samples, options.max_length, options.batch_size)
         if not batches:
             raise BadInputError("lowrank.svd: no calibration batches for the input statistics")
-        stats = input_statistics(ctx.model, matrices, batches, full=options.weighting == "whiten")
+        moments = input_statistics(ctx.model, matrices, batches, full=options.weighting == "whiten")
+        for i, (m, (second_moment, mean)) in enumerate(zip(matrices, moments)):
+            has_bias = (m.module.second.bias if isinstance(m.module, LowRankLinear) else m.module.bias) is not None
+            if options.center and has_bias:
+                stats[i], m.mean = centered(second_moment, mean), mean
+            else:
+                stats[i] = second_moment
     for m, s in zip(matrices, stats):
         weighted_spectrum(m, s, options.weighting, options.damping)
 
@@ -284,6 +309,7 @@ def lowrank_svd(ctx: Context, target: LowRankTarget, options: LowRankOptions) ->
     weights_after = sum(m.cost(r) for m, r in zip(matrices, ranks))
     result_stats = {
         "weighting": options.weighting,
+        "centered": options.center and options.weighting != "none",
         "matrices": len(matrices),
         "factorized": len(plan),
         "left_as_is": len(matrices) - len(plan),

@@ -202,11 +202,11 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return first, second
 
 
-def factorize_linear(model: nn.Module, path: str, rank: int, factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+def factorize_linear(model: nn.Module, path: str, rank: int, factors: tuple[torch.Tensor, ...] | None = None) -> None:
     """Replace the Linear at `path` (relative to the base model, current layer positions) by a rank-r
     pair; a LowRankLinear already there is re-factorized to a rank no higher than its own. `factors`
-    (first, second) lets a method supply its own (e.g. activation-weighted) factors; by default the
-    truncated SVD is used."""
+    (first, second) or (first, second, bias) lets a method supply its own (e.g. activation-weighted)
+    factors; by default the truncated SVD is used."""
     adapter, manifest = adapter_of(model), manifest_of(model)
     base = runtime.base_model(model)
     try:
@@ -221,7 +221,11 @@ def factorize_linear(model: nn.Module, path: str, rank: int, factors: tuple[torc
         raise BadInputError(f"{path!r} is a {type(old).__name__}, not a Linear")
     if not 1 <= rank <= limit:
         raise BadInputError(f"rank {rank} out of range for {path!r} ({old.out_features}x{old.in_features}, max {limit})")
-    first, second = factors if factors is not None else svd_factors(weight, rank)
+    first, second = factors[:2] if factors is not None else svd_factors(weight, rank)
+    if factors is not None and len(factors) == 3:  # a new bias too (e.g. mean-corrected factors)
+        if bias is None:
+            raise BadInputError(f"{path!r} has no bias to replace")
+        bias = factors[2]
     new = LowRankLinear(old.in_features, old.out_features, rank, bias=bias is not None)
     new = new.to(device=weight.device, dtype=weight.dtype)
     state = {"first.weight": first, "second.weight": second}
