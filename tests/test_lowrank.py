@@ -250,3 +250,28 @@ def test_lada_prune_end_to_end(tmp_path):
     assert report["steps"][4]["stats"]["sparsity"] == 0.5
     reloaded = load_slim(tmp_path / "out")
     assert any(isinstance(m, LowRankLinear) for m in reloaded.modules())
+
+
+def test_svd_kd_on_a_labeled_classifier(tmp_path):
+    """The svd-kd recipe through `shrink prune` on a sequence classifier with labeled CSV data."""
+    from test_prune import SENTENCES
+    from test_data import tiny_tokenizer
+
+    model = tiny_model("bert", task="seq", num_labels=2)
+    model.config.id2label, model.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    rows = "\n".join(f"\"{s}\",{'pos' if 'sun' in s or 'cat' in s else 'neg'}" for s in SENTENCES)
+    (tmp_path / "data.csv").write_text("text,label\n" + rows + "\n")
+    args = [
+        "prune", str(tmp_path / "model"), "--recipe", "svd-kd", "--data", str(tmp_path / "data.csv"), "--label-column", "label", "-o", str(tmp_path / "out"),
+        "--json", "--no-export", "--max-samples", "24", "--eval-samples", "8", "--max-length", "32",
+        "--set", "steps.0.options.rank_multiple=4", "--set", "steps.1.options.max_steps=2",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["objective"] == "task" and "accuracy" in report["quality"]["after"]
+    assert report["steps"][0]["stats"]["layer_params_fraction"] <= 0.5
+    reloaded = load_slim(tmp_path / "out")
+    assert type(reloaded).__name__ == "BertForSequenceClassification"
