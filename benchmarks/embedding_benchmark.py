@@ -3,7 +3,8 @@
     flock /tmp/shrink-cpu.lock .venv/bin/python benchmarks/embedding_benchmark.py --part minilm
     flock /tmp/shrink-cpu.lock .venv/bin/python benchmarks/embedding_benchmark.py --part teacher   # needs make_teacher.py
 
-Writes benchmarks/results/embedding.{json,md} (a part run alone keeps the other part's earlier rows).
+Writes benchmarks/results/embedding.{json,md}; rows of an earlier run that this run does not redo are kept
+(e.g. `--part minilm --recipes embedding-binary` updates that row only).
 
 minilm: all-MiniLM-L6-v2 on the bundled corpus; the embedding step and the distillation see the 80%
 calibration split, the mean sentence-embedding cosine to the original is measured on the 20% held-out
@@ -197,7 +198,10 @@ def main() -> None:
         if args.part not in (part, "all"):
             continue
         started = time.perf_counter()
-        results[part] = run()
+        new = run()
+        old_rows = [r for r in results.get(part, {}).get("rows", []) if r["recipe"] not in {n["recipe"] for n in new["rows"]}]
+        new["rows"] = sorted(old_rows + new["rows"], key=lambda r: list(RECIPES).index(r["recipe"]))  # rows not redone are kept
+        results[part] = new
         results.setdefault("seconds", {})[part] = round(time.perf_counter() - started, 1)
         path.write_text(json.dumps(results, indent=2) + "\n")  # after each part: a later failure keeps it
         (RESULTS / "embedding.md").write_text(markdown(results))
