@@ -78,6 +78,7 @@ def l0_run(args, speedup: float) -> dict:
     stats = result.stats
     row = {
         "method": "L0 (heads + FFN + sub-layers)",
+        "epochs": f"{args.l0_epochs:g} gates + {args.recovery_epochs:g} recovery",
         "target_speedup": speedup,
         "predicted_speedup": stats.get("predicted_speedup"),
         "test_accuracy_before_recovery": before,
@@ -106,6 +107,7 @@ def drop_layers_run(args, speedup: float) -> dict:
     _, recovery_seconds = run_step(ctx, recovery, recovery.options(**{**RECOVERY, "epochs": epochs}), recovery.target())
     row = {
         "method": f"drop top layers (keep {keep} of {layers})",
+        "epochs": f"{epochs:g} recovery",
         "target_speedup": speedup,
         "predicted_speedup": None,
         "test_accuracy_before_recovery": before,
@@ -126,14 +128,14 @@ def markdown(rows: list[dict], teacher: dict, args) -> str:
         f"Calibration: {args.train_samples or 'all'} train examples; test: 2101 examples. Speedup: ONNX Runtime, "
         "batch 1, 128 tokens, 1 thread, interleaved with the teacher.",
         "",
-        "| target | method | measured speedup | predicted | test acc. | drop vs teacher | before recovery | heads left | FFN neurons left | run time (min) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| target | method | training epochs | measured speedup | predicted | test acc. | drop vs teacher | before recovery | heads left | FFN neurons left | run time (min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = r["structure"]
         predicted = f"{r['predicted_speedup']:.2f}x" if r["predicted_speedup"] else "-"
         lines.append(
-            f"| {r['target_speedup']}x | {r['method']} | {r['speedup']:.2f}x | {predicted} | {r['test_accuracy']:.2f} "
+            f"| {r['target_speedup']}x | {r['method']} | {r.get('epochs', '')} | {r['speedup']:.2f}x | {predicted} | {r['test_accuracy']:.2f} "
             f"| {teacher['test_accuracy'] - r['test_accuracy']:+.2f} | {r['test_accuracy_before_recovery']:.2f} "
             f"| {sum(s['heads_per_layer'])} | {sum(s['ffn_per_layer'])} | {r['run_seconds'] / 60:.1f} |"
         )
@@ -152,6 +154,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default="l0", help="results/<output>.{json,md}")
+    parser.add_argument("--append", action="store_true", help="keep the rows already in results/<output>.json")
     args = parser.parse_args()
     args.train_samples = args.train_samples or None
     torch.set_num_threads(args.threads)
@@ -161,7 +164,15 @@ def main() -> None:
     os.environ["SHRINK_CACHE"] = tempfile.mkdtemp(prefix="shrink-l0-bench-")
     ctx = build_session(str(TEACHER_DIR), settings(args)).ctx
     teacher = {"test_accuracy": accuracy(ctx.model, ctx)}
+    path = RESULTS / f"{args.output}.json"
     rows = []
+    if args.append and path.exists():
+        old = json.loads(path.read_text())
+        rows, was = old["rows"], old["settings"]
+        for r in rows:  # rows of a run before the epochs were recorded per row
+            if "epochs" not in r:
+                gates, recovery = was["l0_epochs"], was["recovery_epochs"]
+                r["epochs"] = f"{gates:g} gates + {recovery:g} recovery" if r["method"].startswith("L0") else f"{gates + recovery:g} recovery"
     for speedup in args.speedups:
         if "l0" in args.methods:
             rows.append(l0_run(args, speedup))
