@@ -72,7 +72,7 @@ class L0Options(Strict):
     prune: list[Kind] = Field(default_factory=lambda: list(KINDS), min_length=1, description="what the gates may remove")
     ffn_block: int = Field(1, ge=1, description="FFN neurons per gate")
     epochs: float = Field(1, gt=0, description="passes over the calibration split")
-    max_steps: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
     lr: float = Field(5e-5, gt=0, description="learning rate of the model weights")
     train_embeddings: bool = Field(False, description="also train the word embeddings (slow on CPU: a vocab x hidden AdamW update per step)")
     gate_lr: float = Field(0.05, gt=0, description="learning rate of the gates' log_alpha")
