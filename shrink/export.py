@@ -77,7 +77,8 @@ def parity_inputs(model, tokenizer=None, batches=None, seed: int = 0) -> list[tu
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     feeds = []
-    for length in sorted({1, 7, 33, min(128, max_sequence_length(model.config))}):
+    longest = min(128, max_sequence_length(model.config))
+    for length in sorted({n for n in (1, 7, 33) if n <= longest} | {longest}):
         ids = torch.randint(5, vocab, (2, length), generator=g)
         mask = torch.ones(2, length, dtype=torch.long)
         if length > 2:
@@ -85,7 +86,7 @@ def parity_inputs(model, tokenizer=None, batches=None, seed: int = 0) -> list[tu
         feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
         feeds.append((f"random ids, length {length}", {k: feed[k] for k in names}))
     if tokenizer is not None:
-        enc = tokenizer(SENTENCES, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        enc = tokenizer(SENTENCES, padding=True, truncation=True, max_length=longest, return_tensors="pt")
         feeds.append(("real sentences", {k: enc[k] if k in enc else torch.zeros_like(enc["input_ids"]) for k in names}))
     for i, batch in enumerate(batches or []):
         feeds.append((f"calibration batch {i}", {k: batch[k] if k in batch else torch.zeros_like(batch["input_ids"]) for k in names}))

@@ -188,3 +188,23 @@ def test_distill_refuses_empty_data_and_missing_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(BadInputError, match="CUDA is not available"):
             distill(student, teacher, corpus_batches(8, 0), device="cuda", progress=False)
+
+
+def test_distill_step_early_stops_on_calibration_batches_never_the_report_split():
+    from shrink.pipeline import run_step
+    from shrink.registry import Context, get_method
+
+    student, teacher = student_teacher("seq")
+    calibration = corpus_batches(40, seed=0)
+    report_split = [{"input_ids": None}]  # any use of it would fail
+    ctx = Context(
+        model=student, teacher=teacher, tokenizer=None, calibration=calibration,
+        calibration_batches=lambda n, length, size: calibration, evaluation=report_split,
+        objective=choose_objective(student, teacher, has_labels=False), has_labels=False,
+    )
+    method = get_method("distill")
+    result, _ = run_step(ctx, method, method.options(epochs=1, early_stop_patience=3, lr=1e-3), method.target())
+    history = result.stats["distill"]
+    assert history["evals"] and "eval_loss_before" in history
+    plain, _ = run_step(ctx, method, method.options(epochs=1, lr=1e-3), method.target())
+    assert not plain.stats["distill"].get("evals")

@@ -59,6 +59,23 @@ def test_dynamic_axes_accept_other_shapes(tmp_path):
     assert sess.run(None, feed)[0].shape == (5, 50, 32)
 
 
+def test_parity_inputs_fit_a_model_with_few_positions(tmp_path):
+    """Real sentences and random ids are cut to the model's maximum positions (here 20 < 33 tokens)."""
+    import transformers as T
+
+    from test_data import tiny_tokenizer
+
+    config = T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=99, max_position_embeddings=20)
+    torch.manual_seed(0)
+    model = T.BertModel(config).eval()
+    tokenizer = tiny_tokenizer()
+    model.resize_token_embeddings(len(tokenizer))
+    result = export_onnx(model, tmp_path / "m.onnx", tokenizer=tokenizer)
+    checked = result["max_abs_diff"]
+    assert set(checked) == {"random ids, length 1", "random ids, length 7", "random ids, length 20", "real sentences"}
+    assert max(checked.values()) < 1e-4
+
+
 def test_parity_failure_is_exit_3_and_leaves_nothing(tmp_path, monkeypatch):
     import shrink.export as export
 

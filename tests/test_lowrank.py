@@ -192,6 +192,29 @@ def test_global_scope_prunes_the_total():
     assert zeros == round(0.3 * sum(w.numel() for w in weights.values()))
 
 
+def test_distill_after_pruning_keeps_the_zeros():
+    ctx = context(task="seq")
+    step(ctx, "weights.magnitude", {"sparsity": 0.5}, max_steps=3)
+    zeros_before = {n: (w == 0).clone() for n, w in weight_pruning.prunable_weights(ctx.model).items()}
+    before = {n: w.clone() for n, w in weight_pruning.prunable_weights(ctx.model).items()}
+    step(ctx, "distill", {}, max_steps=4, lr=1e-2)
+    after = weight_pruning.prunable_weights(ctx.model)
+    assert any(not torch.equal(before[n], w) for n, w in after.items())  # it did train
+    for name, w in after.items():
+        assert torch.equal(w == 0, zeros_before[name]), name  # the same weights are zero, no others
+
+
+def test_distill_on_a_dense_model_holds_nothing():
+    from shrink.methods.recovery import sparsity_keeper
+
+    assert sparsity_keeper(context().model) is None
+
+
+def test_magnitude_pruning_refuses_early_stop():
+    with pytest.raises(ValueError, match="early_stop_patience"):
+        weight_pruning.MagnitudeOptions(early_stop_patience=2)
+
+
 @pytest.mark.parametrize("arch", ["bert", "distilbert", "mpnet"])
 def test_onnx_export_of_factorized_and_sparse_shapes(arch, tmp_path):
     ctx = context(arch, task="seq")

@@ -20,16 +20,27 @@ class DistillOptions(Strict):
     loss: list[Literal["auto", "task", "logits_kl", "hidden_mse", "embedding_cosine"]] = Field(default_factory=lambda: ["auto"])
 
 
+# A matrix with at least this share of exact zeros was pruned (weights.magnitude): trained dense
+# weights are practically never exactly zero, so recovery keeps those zeros instead of refilling them.
+SPARSE_MATRIX_ZEROS = 0.05
+
+
 @register("distill", options=DistillOptions)
 def distill_step(ctx: Context, target, options: DistillOptions) -> StepResult:
     """Recover quality by distilling the original model into the slim one."""
     from ..distill import distill
 
+    # Early stopping watches every tenth calibration batch, never the report's held-out split.
+    train, watch = ctx.calibration, None
+    if options.early_stop_patience and len(ctx.calibration) >= 2:
+        watch = ctx.calibration[::10]
+        train = [b for i, b in enumerate(ctx.calibration) if i % 10]
+    hold_zeros = sparsity_keeper(ctx.model)
     history = distill(
         ctx.model,
         ctx.teacher,
-        ctx.calibration,
-        eval_batches=None,  # never the report's held-out split
+        train,
+        eval_batches=watch,
         epochs=options.epochs,
         max_steps=options.max_steps,
         lr=options.lr,
@@ -39,6 +50,20 @@ def distill_step(ctx: Context, target, options: DistillOptions) -> StepResult:
         early_stop_patience=options.early_stop_patience,
         loss=tuple(options.loss),
         device=ctx.device,
+        on_step=hold_zeros,
     )
+    if hold_zeros is not None:
+        hold_zeros(0, 0)  # the restored best weights too
     ctx.model.eval()
     return StepResult(plan=None, stats={"distill": history})
+
+
+def sparsity_keeper(model):
+    """An on_step callback that re-zeroes the weights an earlier pruning step zeroed, or None."""
+    from .weight_pruning import apply_masks, prunable_weights
+
+    weights = {name: w for name, w in prunable_weights(model).items() if (w == 0).float().mean() >= SPARSE_MATRIX_ZEROS}
+    if not weights:
+        return None
+    masks = {name: w != 0 for name, w in weights.items()}
+    return lambda step, total: apply_masks(weights, masks)

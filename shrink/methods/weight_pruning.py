@@ -15,8 +15,9 @@ all of them with scope: global).
 
 What it buys, honestly: unstructured zeros do not make dense kernels (PyTorch, ONNX Runtime) any
 faster, so no speedup is claimed. The step reports nonzero parameters and the deflate-compressed
-size of the weights (zeros compress), next to the dense size. A later step that trains or
-re-factorizes the weights (distill, lowrank.svd) fills the zeros again: put this step last.
+size of the weights (zeros compress), next to the dense size. A later `distill` step keeps the zeros
+(it re-zeroes matrices that are already sparse after every optimizer step); a later `lowrank.svd`
+re-factorizes them densely, so put factorization first.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class MagnitudeOptions(DistillOptions):
     def consistent(self):
         if self.end <= self.start:
             raise ValueError("end must come after start")
+        if self.early_stop_patience is not None:
+            raise ValueError("early_stop_patience does not apply: the sparsity schedule needs every step")
         unknown = [m for m in self.modules if m not in MODULES]
         if unknown or not self.modules:
             raise ValueError(f"modules must be a non-empty list of {', '.join(MODULES)}; unknown: {unknown}")
