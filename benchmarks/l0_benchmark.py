@@ -2,7 +2,7 @@
 the "poor man's BERT" baseline (Sajjad et al.: drop the top layers) at the same speedup.
 
     .venv/bin/python benchmarks/make_teacher.py                              # once (cached)
-    flock /tmp/shrink-cpu.lock .venv/bin/python benchmarks/l0_benchmark.py   # benchmarks/results/l0.{json,md}
+    .venv/bin/python benchmarks/l0_benchmark.py   # benchmarks/results/l0.{json,md}
 
 Each run starts from the teacher. L0: the `l0` method (heads, FFN blocks of 8 neurons, attention and FFN
 sub-layers; target `speedup`, from the latency table measured on this machine inside the first run;

@@ -5,7 +5,7 @@ distilling). Also: accuracy right after factorization (no recovery) for plain, d
 whitened SVD, to show what the calibration statistics buy.
 
     .venv/bin/python benchmarks/make_teacher.py        # once (cached)
-    flock /tmp/shrink-cpu.lock .venv/bin/python benchmarks/lada_benchmark.py   # writes benchmarks/results/lada.{json,md}
+    .venv/bin/python benchmarks/lada_benchmark.py   # writes benchmarks/results/lada.{json,md}
 
 Calibration (input statistics and recovery) uses the validation split; accuracy is reported on the
 test split, which no method sees. Latency: the teacher and each model exported to ONNX (fp32) and run
