@@ -1,7 +1,7 @@
 """Word-embedding compression: compositional codes (embedding-codes) and binary codes (embedding-binary).
 
-    flock /tmp/shrink-cpu.lock .venv/bin/python benchmarks/embedding_benchmark.py --part minilm
-    flock /tmp/shrink-cpu.lock .venv/bin/python benchmarks/embedding_benchmark.py --part teacher   # needs make_teacher.py
+    .venv/bin/python benchmarks/embedding_benchmark.py --part minilm
+    .venv/bin/python benchmarks/embedding_benchmark.py --part teacher   # needs make_teacher.py
 
 Writes benchmarks/results/embedding.{json,md}; rows of an earlier run that this run does not redo are kept
 (e.g. `--part minilm --recipes embedding-binary` updates that row only).
@@ -192,7 +192,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "embedding.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results["command"] = "flock /tmp/shrink-cpu.lock .venv/bin/python benchmarks/embedding_benchmark.py --part minilm|teacher|all"
+    results["command"] = ".venv/bin/python benchmarks/embedding_benchmark.py --part minilm|teacher|all"
     parts = {"minilm": lambda: minilm_part(args.recipes, args.seed), "teacher": lambda: teacher_part(args.teacher_recipes, args.seed)}
     for part, run in parts.items():
         if args.part not in (part, "all"):
