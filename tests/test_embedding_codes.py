@@ -13,9 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import main_output, tiny_inputs, tiny_model
-from test_prune import SENTENCES, assert_exit
+from test_prune import assert_exit, write_model_and_data
 from test_slim import REMOTE
-from test_data import tiny_tokenizer
 from shrink import surgery
 from shrink.cli import app
 from shrink.errors import BadInputError
@@ -198,13 +197,7 @@ COMMON = ["--max-samples", "16", "--eval-samples", "8", "--max-length", "32", "-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("codes")
-    model = tiny_model("bert")
-    model.config.architectures = ["BertModel"]
-    model.save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
-    (root / "data.txt").write_text("\n".join(SENTENCES) + "\n")
-    return root
+    return write_model_and_data(tmp_path_factory.mktemp("codes"))
 
 
 def prune(setup, out, recipes, *extra):

@@ -10,8 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import ARCHITECTURES, tiny_model
-from test_data import tiny_tokenizer
-from test_prune import SENTENCES, assert_exit
+from test_prune import assert_exit, write_model_and_data
 from shrink import surgery
 from shrink.cli import app
 from shrink.gates import Gates
@@ -109,13 +108,7 @@ def test_a_sublayer_gate_removes_the_whole_sublayer():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("l0")
-    model = tiny_model("bert")
-    model.config.architectures = ["BertModel"]
-    model.save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
-    (root / "data.txt").write_text("\n".join(SENTENCES) + "\n")
-    return root
+    return write_model_and_data(tmp_path_factory.mktemp("l0"))
 
 
 FAST = ["--set", "steps.0.options.max_steps=30", "--set", "steps.1.options.max_steps=2",

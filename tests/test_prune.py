@@ -25,15 +25,19 @@ FAST = [
 ]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prune")
+def write_model_and_data(root):
+    """A saved tiny BERT with the tiny tokenizer (root/model) and SENTENCES (root/data.txt)."""
     model = tiny_model("bert")
     model.config.architectures = ["BertModel"]
     model.save_pretrained(root / "model")
     tiny_tokenizer().save_pretrained(root / "model")
     (root / "data.txt").write_text("\n".join(SENTENCES) + "\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return write_model_and_data(tmp_path_factory.mktemp("prune"))
 
 
 def prune(setup, out, *extra):

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 
 from ..registry import Context, Plan, StepResult, Strict, register
-from .embedding_codes import row_weights, token_counts, weighted_error
+from .embedding_codes import replaceable_word_embeddings, row_weights, token_counts, weighted_error
 
 
 class BinaryOptions(Strict):
@@ -111,12 +111,7 @@ def learn_binary(
 @register("embedding.binary", options=BinaryOptions)
 def embedding_binary(ctx: Context, target, options: BinaryOptions) -> StepResult:
     """Replace the word embeddings by bit-packed binary codes with a linear decoder, learned to reconstruct them."""
-    from ..errors import BadInputError
-    from ..surgery import word_embeddings_of
-
-    old = word_embeddings_of(ctx.model)
-    if not isinstance(old, torch.nn.Embedding):
-        raise BadInputError(f"word embeddings are already replaced ({type(old).__name__})", hint="use one embedding recipe per model")
+    old = replaceable_word_embeddings(ctx.model)
     counts = token_counts(ctx.calibration, old.num_embeddings)
     state, stats = learn_binary(
         old.weight, row_weights(counts, options.frequency_weight), options.bits, steps=options.steps,

@@ -244,15 +244,23 @@ def add_frequent_tier(table, weights, counts, state: dict, frequent_tokens: int,
     return tiered, stats
 
 
+def replaceable_word_embeddings(model) -> torch.nn.Embedding:
+    """The model's word-embedding table; an error when an earlier step already replaced it."""
+    from ..errors import BadInputError
+    from ..surgery import word_embeddings_of
+
+    old = word_embeddings_of(model)
+    if not isinstance(old, torch.nn.Embedding):
+        raise BadInputError(f"word embeddings are already replaced ({type(old).__name__})", hint="use one embedding recipe per model")
+    return old
+
+
 @register("embedding.codes", options=CodesOptions)
 def embedding_codes(ctx: Context, target, options: CodesOptions) -> StepResult:
     """Replace the word embeddings by compositional codes (M codes of K values per token) learned to reconstruct them."""
     from ..errors import BadInputError
-    from ..surgery import word_embeddings_of
 
-    old = word_embeddings_of(ctx.model)
-    if not isinstance(old, torch.nn.Embedding):
-        raise BadInputError(f"word embeddings are already replaced ({type(old).__name__})", hint="use one embedding recipe per model")
+    old = replaceable_word_embeddings(ctx.model)
     dim = old.embedding_dim
     if options.code_dim is not None and options.code_dim > dim:
         raise BadInputError(f"embedding.codes: code_dim {options.code_dim} is larger than the embedding size {dim}")
