@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 
 from ..registry import Context, Plan, StepResult, Strict, register
-from .embedding_codes import replaceable_word_embeddings, row_weights, token_counts, weighted_error
+from .embedding_codes import fit_rows, replaceable_word_embeddings, row_weights, token_counts, weighted_error
 
 
 class BinaryOptions(Strict):
@@ -64,36 +64,23 @@ def learn_binary(
     progress: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Bits and decoder for every row of `table` [V, dim]: (state for runtime.BinaryEmbedding, stats)."""
-    from ..console import progress as progress_bar
     from ..surgery.runtime import byte_bits_table
 
     table = table.detach().float().cpu()
     weights = weights.float().cpu()
     V, dim = table.shape
-    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     encoder = torch.nn.Sequential(torch.nn.Linear(dim, 2 * bits), torch.nn.Tanh(), torch.nn.Linear(2 * bits, bits))
     decoder = torch.nn.Linear(bits, dim)
-    params = [*encoder.parameters(), *decoder.parameters()]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, 10 * (1 - s / steps)))
-    losses = []
-    with progress_bar() as bar:
-        task = bar.add_task("embedding bits", total=steps, status="", visible=progress)
-        for step in range(steps):
-            index = torch.randint(0, V, (min(batch_size, V),), generator=generator)
-            rows, w = table[index], weights[index]
-            soft = torch.sigmoid(encoder(rows))
-            hard = (soft > 0.5).float()
-            code = hard + soft - soft.detach()  # straight-through: hard bits forward, sigmoid gradient back
-            loss = (w * ((decoder(code) - rows) ** 2).sum(-1)).sum() / w.sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            if step % 50 == 0 or step == steps - 1:
-                bar.update(task, completed=step + 1, status=f"loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
+
+    def reconstruct(rows, step):
+        soft = torch.sigmoid(encoder(rows))
+        hard = (soft > 0.5).float()
+        code = hard + soft - soft.detach()  # straight-through: hard bits forward, sigmoid gradient back
+        return decoder(code), ""
+
+    losses = fit_rows(table, weights, [*encoder.parameters(), *decoder.parameters()], reconstruct, "embedding bits",
+                      steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
 
     with torch.no_grad():
         code = torch.cat([(encoder(table[s : s + 8192]) > 0).float() for s in range(0, V, 8192)])

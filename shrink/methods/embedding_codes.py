@@ -129,6 +129,34 @@ def refit_codebooks(table: torch.Tensor, codes: torch.Tensor, weights: torch.Ten
     return solution.float()
 
 
+def fit_rows(table, weights, parameters, reconstruct, label: str, *, steps: int, batch_size: int, lr: float, seed: int, progress: bool) -> list[float]:
+    """Adam on seeded random minibatches of embedding rows, minimising the row-weighted squared error of
+    `reconstruct(rows, step) -> (reconstruction, status note)`; flat lr, decayed over the last 10% of
+    steps. Shared by the code and binary autoencoders. Returns the loss of every step."""
+    from ..console import progress as progress_bar
+
+    V = table.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, 10 * (1 - s / steps)))
+    losses = []
+    with progress_bar() as bar:
+        task = bar.add_task(label, total=steps, status="", visible=progress)
+        for step in range(steps):
+            index = torch.randint(0, V, (min(batch_size, V),), generator=generator)
+            rows, w = table[index], weights[index]
+            recon, note = reconstruct(rows, step)
+            loss = (w * ((recon - rows) ** 2).sum(-1)).sum() / w.sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            if step % 50 == 0 or step == steps - 1:
+                bar.update(task, completed=step + 1, status=f"loss {sum(losses[-50:]) / len(losses[-50:]):.4f} {note}".strip())
+    return losses
+
+
 def learn_codes(
     table: torch.Tensor,
     weights: torch.Tensor,
@@ -148,35 +176,23 @@ def learn_codes(
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Codes and decoder for every row of `table` [V, dim]. Returns (state for runtime.CodeEmbedding,
     stats with the weighted relative reconstruction error)."""
-    from ..console import progress as progress_bar
     from ..surgery.runtime import code_dtype
 
     table = table.detach().float().cpu()
     weights = weights.float().cpu()
     V, dim = table.shape
     code_dim = code_dim or dim
-    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     learner = CodeLearner(dim, M, K, code_dim, linear)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, 10 * (1 - s / steps)))  # flat, then decay the last 10%
-    losses = []
-    with progress_bar() as bar:
-        task = bar.add_task("embedding codes", total=steps, status="", visible=progress)
-        for step in range(steps):
-            tau = temperature * (final_temperature / temperature) ** (step / max(1, steps - 1))
-            index = torch.randint(0, V, (min(batch_size, V),), generator=generator)
-            rows, w = table[index], weights[index]
-            # straight-through: the forward pass uses one code per codebook, as the result will
-            sample = F.gumbel_softmax(learner.logits(rows), tau=tau, hard=True, dim=-1)
-            loss = (w * ((learner.decode(sample) - rows) ** 2).sum(-1)).sum() / w.sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            if step % 50 == 0 or step == steps - 1:
-                bar.update(task, completed=step + 1, status=f"loss {sum(losses[-50:]) / len(losses[-50:]):.4f} tau {tau:.2f}")
+
+    def reconstruct(rows, step):
+        tau = temperature * (final_temperature / temperature) ** (step / max(1, steps - 1))
+        # straight-through: the forward pass uses one code per codebook, as the result will
+        sample = F.gumbel_softmax(learner.logits(rows), tau=tau, hard=True, dim=-1)
+        return learner.decode(sample), f"tau {tau:.2f}"
+
+    losses = fit_rows(table, weights, list(learner.parameters()), reconstruct, "embedding codes",
+                      steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
 
     with torch.no_grad():
         codes = torch.cat([learner.logits(table[s : s + 8192]).argmax(-1) for s in range(0, V, 8192)])
