@@ -252,14 +252,9 @@ def test_bad_sparsity_exits_2(tmp_path):
 
 
 def test_lada_prune_end_to_end(tmp_path):
-    from test_prune import SENTENCES
-    from test_data import tiny_tokenizer
+    from test_prune import write_model_and_data
 
-    model = tiny_model("bert")
-    model.config.architectures = ["BertModel"]
-    model.save_pretrained(tmp_path / "model")
-    tiny_tokenizer().save_pretrained(tmp_path / "model")
-    (tmp_path / "data.txt").write_text("\n".join(SENTENCES) + "\n")
+    write_model_and_data(tmp_path)
     args = [
         "prune", str(tmp_path / "model"), "--recipe", "lada", "--data", str(tmp_path / "data.txt"), "-o", str(tmp_path / "out"),
         "--json", "--no-export", "--max-samples", "16", "--eval-samples", "8", "--max-length", "32",
