@@ -50,10 +50,8 @@ def distill_step(ctx: Context, target, options: DistillOptions) -> StepResult:
         early_stop_patience=options.early_stop_patience,
         loss=tuple(options.loss),
         device=ctx.device,
-        on_step=hold_zeros,
+        on_step=hold_zeros,  # runs before any early-stop snapshot, so restored weights keep the zeros too
     )
-    if hold_zeros is not None:
-        hold_zeros(0, 0)  # the restored best weights too
     ctx.model.eval()
     return StepResult(plan=None, stats={"distill": history})
 
