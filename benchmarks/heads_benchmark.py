@@ -36,10 +36,6 @@ METHODS = {
 RECOVERY = {"epochs": 2, "lr": 5e-5, "loss": ["task", "logits_kl"]}
 
 
-settings = prismguard_settings
-accuracy = test_accuracy
-
-
 def calibration_loss(ctx) -> float:
     """The task loss on the whole validation (calibration) split: what the searches try to keep low."""
     from shrink.distill import objective_loss
@@ -48,12 +44,12 @@ def calibration_loss(ctx) -> float:
 
 
 def one_run(label: str, fraction: float, seed: int) -> dict:
-    session = build_session(str(TEACHER_DIR), settings(seed))
+    session = build_session(str(TEACHER_DIR), prismguard_settings(seed))
     ctx = session.ctx
     name, options = METHODS[label]
     method = get_method(name)
     result, search_seconds = run_step(ctx, method, method.options(**options), method.target(heads_fraction=fraction))
-    before_recovery = accuracy(ctx)
+    before_recovery = test_accuracy(ctx)
     validation_loss = calibration_loss(ctx)
     recovery = get_method("distill")
     _, recovery_seconds = run_step(ctx, recovery, recovery.options(**RECOVERY), recovery.target())
@@ -63,7 +59,7 @@ def one_run(label: str, fraction: float, seed: int) -> dict:
         "heads_removed": result.stats["heads_removed"],
         "validation_loss_before_recovery": validation_loss,
         "test_accuracy_before_recovery": before_recovery,
-        "test_accuracy_after_recovery": accuracy(ctx),
+        "test_accuracy_after_recovery": test_accuracy(ctx),
         "method_seconds": search_seconds,
         "recovery_seconds": recovery_seconds,
         "stats": result.stats,
@@ -143,8 +139,8 @@ def main() -> None:
         return
     if not (TEACHER_DIR / "model.safetensors").exists():
         raise SystemExit("no teacher yet: run benchmarks/make_teacher.py first")
-    session = build_session(str(TEACHER_DIR), settings(args.seed))
-    teacher = {"test": accuracy(session.ctx), "validation_loss": calibration_loss(session.ctx)}
+    session = build_session(str(TEACHER_DIR), prismguard_settings(args.seed))
+    teacher = {"test": test_accuracy(session.ctx), "validation_loss": calibration_loss(session.ctx)}
     new_rows = [one_run(label, fraction, args.seed) for fraction in args.fractions for label in args.methods]
     rows = merge_rows(RESULTS / "heads.json", new_rows)
     (RESULTS / "heads.json").write_text(json.dumps({"teacher": teacher, "rows": rows, "recovery": RECOVERY}, indent=2) + "\n")

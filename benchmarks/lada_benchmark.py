@@ -42,7 +42,7 @@ LADA_PRUNING = {"epochs": 3, "lr": 1e-4, "loss": LOSS, "end": 0.6, "prune_every"
 LOWRANK = {"calibration_samples": 512, "max_length": 64}
 
 
-settings = prismguard_settings
+settings = prismguard_settings  # --smoke swaps in a smaller version
 accuracy = test_accuracy
 
 
