@@ -21,7 +21,7 @@ from shrink.errors import BadInputError
 from shrink.export import export_onnx
 from shrink.hub import load_model
 from shrink.methods.embedding_binary import learn_binary, pack_bits
-from shrink.methods.embedding_codes import add_frequent_tier, learn_codes, row_weights, token_counts, weighted_error
+from shrink.methods.embedding_codes import add_frequent_tier, learn_codes, learn_product, row_weights, token_counts, weighted_error
 from shrink.slim import save_slim
 from shrink.surgery.runtime import BinaryEmbedding, CodeEmbedding, TieredCodeEmbedding, byte_bits_table
 
@@ -38,15 +38,23 @@ def coded(model, kind="codes", **kw):
     """Install learned codes into a tiny model's word embeddings (as the pipeline does)."""
     table = surgery.word_embeddings_of(model).weight
     weights = torch.ones(table.shape[0])
-    if kind == "codes":
+    product = kw.pop("layout", "additive") == "product"
+    layout = {"layout": "product"} if product else {}  # older manifests have no layout: additive
+    if kind == "codes" and product:
+        M, K = kw.pop("M", 4), kw.pop("K", 8)
+        state, _ = learn_product(table, weights, M, K, iterations=5, progress=False)
+        spec = {"codebooks": M, "codebook_size": K, **layout}
+    elif kind == "codes":
         M, K = kw.pop("M", 4), kw.pop("K", 8)
         state, _ = learn_codes(table, weights, M, K, steps=60, progress=False, **kw)
         spec = {"codebooks": M, "codebook_size": K, "code_dim": kw.get("code_dim") or table.shape[1], "linear": kw.get("linear", False)}
     elif kind == "tiered_codes":
         counts = torch.arange(table.shape[0], dtype=torch.float64) % 7  # some tokens unseen
-        state, _ = learn_codes(table, weights, 2, 8, steps=40, progress=False)
-        state, stats = add_frequent_tier(table, weights, counts, state, 20, 3, 8, steps=40, progress=False)
-        spec = {"codebooks": 2, "codebook_size": 8, "extra_codebooks": 3, "frequent_tokens": stats["frequent_tokens"]}
+        M, E = (4, 8) if product else (2, 3)
+        learn = {"iterations": 5} if product else {"steps": 40}
+        state, _ = (learn_product if product else learn_codes)(table, weights, M, 8, progress=False, **learn)
+        state, stats = add_frequent_tier(table, weights, counts, state, 20, E, 8, product, progress=False, **learn)
+        spec = {"codebooks": M, "codebook_size": 8, "extra_codebooks": E, "frequent_tokens": stats["frequent_tokens"], **layout}
     else:
         state, _ = learn_binary(table, weights, kw.get("bits", 16), steps=60, progress=False)
         spec = {"bits": kw.get("bits", 16)}
@@ -58,6 +66,56 @@ def test_reconstruction_improves_with_codebooks_and_size():
     table, weights = structured_table(), torch.ones(300)
     errors = [learn_codes(table, weights, M, K, steps=80, progress=False, seed=0)[1]["error"] for M, K in [(1, 4), (2, 8), (4, 16), (8, 32)]]
     assert errors == sorted(errors, reverse=True) and errors[-1] < 0.5 * errors[0], errors
+
+
+def test_product_reconstruction_improves_with_codebooks_and_size():
+    table, weights = structured_table(), torch.ones(300)
+    errors = [learn_product(table, weights, M, K, progress=False)[1]["error"] for M, K in [(1, 4), (2, 8), (4, 16), (8, 64)]]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.2 * errors[0], errors
+
+
+def test_product_codes_beat_additive_codes_of_the_same_bytes():
+    """4 uint8 product codes of 256 values vs 4 uint8 additive codes of 16 (the Gumbel layout's usual K)."""
+    table, weights = structured_table(rows=2000, dim=16), torch.ones(2000)
+    product = learn_product(table, weights, 4, 256, progress=False)[1]["error"]
+    additive = learn_codes(table, weights, 4, 16, steps=200, progress=False)[1]["error"]
+    assert product < 0.7 * additive, (product, additive)
+
+
+def test_product_codes_weigh_frequent_rows():
+    table = structured_table()
+    heavy = torch.ones(300)
+    heavy[:30] = 50.0
+
+    def first_rows_error(weights):  # 32 centroids per slice: room for the 30 heavy rows when they count
+        state, _ = learn_product(table, weights, 2, 32, progress=False)
+        module = CodeEmbedding(300, 16, 2, 32, product=True)
+        module.load_state_dict(state)
+        with torch.no_grad():
+            return weighted_error(table[:30], module(torch.arange(30)), torch.ones(30))
+
+    assert first_rows_error(heavy) < 0.3 * first_rows_error(torch.ones(300))
+
+
+def test_product_tier_for_frequent_tokens_reduces_their_error():
+    table, weights = structured_table(), torch.ones(300)
+    counts = torch.zeros(300, dtype=torch.float64)
+    counts[100:130] = torch.arange(30, 0, -1).double()
+    state, _ = learn_product(table, weights, 2, 8, progress=False)
+    tiered, stats = add_frequent_tier(table, weights, counts, state, 10, 8, 8, True, progress=False)
+    assert stats["frequent_error_after"] < 0.5 * stats["frequent_error_before"]
+    assert tiered["extra_books"].shape == (8 * 8, 2)  # 8 slices of 16 / 8 dims
+    module = TieredCodeEmbedding(300, 16, 2, 8, extra_codebooks=8, frequent_tokens=10, product=True)
+    module.load_state_dict(tiered)
+    with torch.no_grad():
+        assert weighted_error(table[100:110], module(torch.arange(100, 110)), torch.ones(10)) == pytest.approx(stats["frequent_error_after"], rel=1e-3)
+
+
+def test_product_codes_need_codebooks_that_divide_the_dimensions():
+    with pytest.raises(ValueError, match="divide the embedding size 16"):
+        learn_product(structured_table(), torch.ones(300), 3, 8, progress=False)
+    with pytest.raises(ValueError, match="no linear"):
+        CodeEmbedding(10, 16, 4, 8, linear=True, product=True)
 
 
 def test_refit_never_worse_than_the_autoencoder_decoder():
@@ -128,6 +186,17 @@ def test_code_embedding_is_the_sum_of_codebook_rows():
     assert torch.equal(out[0], expected)
 
 
+def test_product_code_embedding_concatenates_codebook_slices():
+    module = CodeEmbedding(5, 4, num_codebooks=2, codebook_size=3, product=True)
+    assert module.codebooks.shape == (6, 2)
+    with torch.no_grad():
+        module.codebooks.copy_(torch.arange(12, dtype=torch.float32).view(6, 2))
+        module.codes.copy_(torch.tensor([[0, 0], [1, 2], [2, 1], [0, 2], [2, 2]], dtype=torch.uint8))
+    out = module(torch.tensor([1, 3]))
+    assert torch.equal(out, torch.stack([torch.cat([module.codebooks[1], module.codebooks[3 + 2]]),
+                                         torch.cat([module.codebooks[0], module.codebooks[3 + 2]])]))
+
+
 def test_bits_pack_and_unpack_exactly():
     bits = (torch.rand(7, 24, generator=torch.Generator().manual_seed(0)) > 0.5).float()
     module = BinaryEmbedding(7, 4, 24)
@@ -138,7 +207,8 @@ def test_bits_pack_and_unpack_exactly():
     assert torch.equal(module.unpacked(torch.arange(7)), bits)
 
 
-CASES = [("codes", {}), ("codes", {"K": 300, "code_dim": 8, "linear": True}), ("binary", {}), ("tiered_codes", {})]
+CASES = [("codes", {}), ("codes", {"K": 300, "code_dim": 8, "linear": True}), ("binary", {}), ("tiered_codes", {}),
+         ("codes", {"layout": "product", "K": 256}), ("tiered_codes", {"layout": "product"})]
 
 
 @pytest.mark.parametrize("kind, kw", CASES)
@@ -185,8 +255,9 @@ def test_second_embedding_replacement_is_refused():
 
 # --- the recipes through `shrink prune` -------------------------------------------------------------
 
-FAST_CODES = [
-    "--set", "embedding-codes.steps.0.options.steps=30", "--set", "embedding-codes.steps.0.options.codebooks=4",
+FAST_CODES = [  # the recipe's 32 + 96 product codes do not divide the tiny model's 32 dimensions
+    "--set", "embedding-codes.steps.0.options.iterations=3", "--set", "embedding-codes.steps.0.options.codebooks=4",
+    "--set", "embedding-codes.steps.0.options.extra_codebooks=8", "--set", "embedding-codes.steps.0.options.frequent_tokens=5",
     "--set", "embedding-codes.steps.0.options.codebook_size=8", "--set", "embedding-codes.steps.1.options.max_steps=2"]
 FAST_HEADS = [
     "--set", "heads-a-star.steps.0.target={heads_count: 4}", "--set", "heads-a-star.steps.0.options.calibration_samples=8",
@@ -219,13 +290,15 @@ def test_chains_after_head_pruning(setup, tmp_path):
     assert [op["op"] for op in slim.config.shrink["ops"]][-1] == "embedding"
 
 
-def test_adaptive_codes_through_prune(setup, tmp_path):
-    fast = [*FAST_CODES, "--set", "steps.0.options.frequent_tokens=5", "--set", "steps.0.options.extra_codebooks=2"]
+@pytest.mark.parametrize("layout", ["product", "additive"])
+def test_adaptive_codes_through_prune(setup, tmp_path, layout):
+    fast = [*FAST_CODES, "--set", f"steps.0.options.layout={layout}", "--set", "steps.0.options.steps=30"]
     result = prune(setup, tmp_path / "slim", ["embedding-codes"], *(a.replace("embedding-codes.", "") for a in fast), "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"][0]["stats"]["adaptive"]["frequent_tokens"] == 5
     module = surgery.word_embeddings_of(load_model(str(tmp_path / "slim")))
     assert isinstance(module, TieredCodeEmbedding) and int((module.extra_row < 5).sum()) == 5
+    assert module.product == (layout == "product")
 
 
 def test_binary_recipe_runs(setup, tmp_path):
@@ -237,7 +310,9 @@ def test_binary_recipe_runs(setup, tmp_path):
 
 @pytest.mark.parametrize("recipes, override, message", [
     (["embedding-codes"], "steps.0.options.codebooks=0", "codebooks"),
-    (["embedding-codes"], "steps.0.options.code_dim=8", "needs linear: true"),
+    (["embedding-codes"], "steps.0.options.code_dim=8", "has no linear map"),
+    (["embedding-codes"], "steps.0.options={layout: additive, code_dim: 8}", "needs linear: true"),
+    (["embedding-codes"], "steps.0.options.codebooks=5", "divide the hidden size 32; 5 does not"),
     (["embedding-codes"], "steps.0.options.codebook_size=1", "codebook_size"),
     (["embedding-binary"], "steps.0.options.bits=12", "multiple of 8"),
     (["embedding-codes"], "steps.0.options={frequent_tokens: 5, linear: true, code_dim: 8}", "does not combine"),
@@ -248,6 +323,5 @@ def test_bad_options_exit_2(setup, tmp_path, recipes, override, message):
 
 
 def test_two_embedding_recipes_exit_2(setup, tmp_path):
-    fast = ["--set", "embedding-codes.steps.0.options.steps=5", "--set", "embedding-codes.steps.1.options.max_steps=1"]
-    result = prune(setup, tmp_path / "o", ["embedding-codes", "embedding-binary"], *fast)
+    result = prune(setup, tmp_path / "o", ["embedding-codes", "embedding-binary"], *FAST_CODES)
     assert_exit(result, 2, "already replaced")

@@ -15,6 +15,12 @@ Learning (`learn_codes`), on the embedding rows alone (no forward pass through t
    weighted least squares (exact: the decoder is linear in them), which closes the gap the soft
    training leaves. With a Linear map, the least-squares table is truncated to code_dim by SVD.
 
+Product layout (`layout: product`, the embedding-codes recipe's choice): codebook m covers only the
+m-th slice of the dimensions, so the codebook rows are concatenated rather than summed and each stores
+dim/M floats; codes are learned by frequency-weighted k-means per slice (methods/product_codes.py).
+That lets K = 256 (a full uint8 per code) fit the budget: on MiniLM, 32 product codes reconstruct the
+frequent tokens far better than 32 additive codes of 16 values (README, Embedding compression).
+
 Adaptive variant (after Kim et al. 2020; `frequent_tokens: N`): the N most frequent tokens of the
 calibration data get `extra_codebooks` more codes, into codebooks of their own, learned the same way on
 what the base codes leave unexplained for those tokens (runtime.TieredCodeEmbedding). Frequent tokens
@@ -30,17 +36,23 @@ import math
 
 import torch
 import torch.nn.functional as F
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from ..registry import Context, Plan, StepResult, Strict, register
 
 
 class CodesOptions(Strict):
+    layout: Literal["additive", "product"] = Field(
+        "additive", description="additive: summed full-width codebook rows, Gumbel-softmax autoencoder; product: "
+        "each codebook a slice of the dimensions (concatenated), weighted k-means; codebooks must divide the hidden size")
     codebooks: int = Field(32, ge=1, le=256, description="M: codes per token (one per codebook)")
     codebook_size: int = Field(16, ge=2, le=32768, description="K: vectors per codebook (K <= 256 stores codes as uint8)")
     code_dim: int | None = Field(None, ge=1, description="codebook vector size; smaller than the hidden size needs linear: true")
     linear: bool = Field(False, description="map the summed codebook vectors to the hidden size with a learned Linear")
-    steps: int = Field(3000, ge=1, description="autoencoder optimizer steps")
+    steps: int = Field(3000, ge=1, description="autoencoder optimizer steps (additive layout)")
+    iterations: int = Field(25, ge=1, description="k-means iterations (product layout)")
     batch_size: int = Field(512, ge=1, description="embedding rows per step")
     lr: float = Field(3e-3, gt=0)
     temperature: float = Field(1.0, gt=0, description="Gumbel-softmax temperature at the start")
@@ -52,6 +64,8 @@ class CodesOptions(Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.layout == "product" and (self.linear or self.code_dim is not None):
+            raise ValueError("layout: product has no linear map and no code_dim (each codebook row is a 1/codebooks slice)")
         if self.code_dim is not None and not self.linear:
             raise ValueError("code_dim needs linear: true (without it the codebooks have the hidden size)")
         if self.frequent_tokens and self.linear:
@@ -223,26 +237,41 @@ def _used(codes: torch.Tensor, K: int) -> float:
     return round(sum(codes[:, m].unique().numel() for m in range(codes.shape[1])) / (K * codes.shape[1]), 3)
 
 
-def _decode_state(codes, codebooks, state_proj, K) -> torch.Tensor:
-    offsets = torch.arange(codes.shape[1]) * K
-    out = F.embedding(codes.long() + offsets, codebooks).sum(-2)
+def _decode_state(codes, codebooks, state_proj, K, product: bool = False) -> torch.Tensor:
+    from ..surgery.runtime import lookup_codes
+
+    out = lookup_codes(codes, codebooks, K, product)
     if state_proj:
         out = out @ state_proj["proj.weight"].T + state_proj["proj.bias"]
     return out
 
 
-def add_frequent_tier(table, weights, counts, state: dict, frequent_tokens: int, extra_codebooks: int, K: int, **learn) -> tuple[dict, dict]:
+def learn_product(table, weights, M: int, K: int, *, iterations: int = 25, seed: int = 0, progress: bool = True) -> tuple[dict, dict]:
+    """Product codes (methods/product_codes.py) with the same stats as learn_codes."""
+    from .product_codes import learn_product_codes
+
+    state, extra = learn_product_codes(table, weights, M, K, iterations=iterations, seed=seed, progress=progress)
+    table = table.detach().float().cpu()
+    stats = {"error": round(weighted_error(table, extra["reconstruction"], weights), 5),
+             "error_unweighted": round(weighted_error(table, extra["reconstruction"], torch.ones(table.shape[0])), 5),
+             "codes_used": _used(state["codes"], K)}
+    return state, stats
+
+
+def add_frequent_tier(table, weights, counts, state: dict, frequent_tokens: int, extra_codebooks: int, K: int,
+                      product: bool = False, **learn) -> tuple[dict, dict]:
     """The adaptive variant: the most frequent tokens get `extra_codebooks` more codes, learned on what the
-    base codes leave unexplained (the residual) of those tokens alone. Returns the TieredCodeEmbedding
-    state and stats."""
+    base codes leave unexplained (the residual) of those tokens alone. `learn` are the options of
+    learn_codes (additive) or learn_product (product). Returns the TieredCodeEmbedding state and stats."""
     from ..surgery.runtime import code_dtype
 
     table = table.detach().float().cpu()
     seen = int((counts > 0).sum())
     n = min(frequent_tokens, seen)
     frequent = torch.argsort(counts, descending=True, stable=True)[:n]
-    base = _decode_state(state["codes"], state["codebooks"], {}, K)
-    extra, stats = learn_codes(table[frequent] - base[frequent], weights[frequent], extra_codebooks, K, **learn)
+    base = _decode_state(state["codes"], state["codebooks"], {}, K, product)
+    learner = learn_product if product else learn_codes
+    extra, stats = learner(table[frequent] - base[frequent], weights[frequent], extra_codebooks, K, **learn)
     extra_row = torch.full((table.shape[0],), n, dtype=torch.long)
     extra_row[frequent] = torch.arange(n)
     padding_row = torch.zeros(1, extra_codebooks, dtype=extra["codes"].dtype)
@@ -253,7 +282,7 @@ def add_frequent_tier(table, weights, counts, state: dict, frequent_tokens: int,
         "extra_books": extra["codebooks"],
     }
     recon = base.clone()
-    recon[frequent] += _decode_state(extra["codes"], extra["codebooks"], {}, K)
+    recon[frequent] += _decode_state(extra["codes"], extra["codebooks"], {}, K, product)
     stats = {"frequent_tokens": n, "frequent_error_before": round(weighted_error(table[frequent], base[frequent], weights[frequent]), 5),
              "frequent_error_after": round(weighted_error(table[frequent], recon[frequent], weights[frequent]), 5),
              "error": round(weighted_error(table, recon, weights), 5)}
@@ -280,24 +309,30 @@ def embedding_codes(ctx: Context, target, options: CodesOptions) -> StepResult:
     dim = old.embedding_dim
     if options.code_dim is not None and options.code_dim > dim:
         raise BadInputError(f"embedding.codes: code_dim {options.code_dim} is larger than the embedding size {dim}")
+    product = options.layout == "product"
+    if product:
+        for m in (options.codebooks, *([options.extra_codebooks] if options.frequent_tokens else [])):
+            if dim % m:
+                raise BadInputError(f"embedding.codes: layout product needs codebooks that divide the hidden size {dim}; {m} does not")
     counts = token_counts(ctx.calibration, old.num_embeddings)
     weights = row_weights(counts, options.frequency_weight)
-    state, stats = learn_codes(
-        old.weight, weights, options.codebooks, options.codebook_size, code_dim=options.code_dim, linear=options.linear,
-        steps=options.steps, batch_size=options.batch_size, lr=options.lr, temperature=options.temperature,
-        final_temperature=options.final_temperature, refit=options.refit, seed=ctx.seed,
-    )
-    spec = {"codebooks": options.codebooks, "codebook_size": options.codebook_size, "code_dim": options.code_dim or dim, "linear": options.linear}
+    spec = {"codebooks": options.codebooks, "codebook_size": options.codebook_size, "layout": options.layout}
+    if product:
+        learn = {"iterations": options.iterations}
+        state, stats = learn_product(old.weight, weights, options.codebooks, options.codebook_size, seed=ctx.seed, **learn)
+    else:
+        learn = {"steps": options.steps, "batch_size": options.batch_size, "lr": options.lr, "temperature": options.temperature,
+                 "final_temperature": options.final_temperature, "refit": options.refit}
+        state, stats = learn_codes(old.weight, weights, options.codebooks, options.codebook_size, code_dim=options.code_dim,
+                                   linear=options.linear, seed=ctx.seed, **learn)
+        spec |= {"code_dim": options.code_dim or dim, "linear": options.linear}
     kind = "codes"
     if options.frequent_tokens and int((counts > 0).sum()):
-        state, tier_stats = add_frequent_tier(
-            old.weight, weights, counts, state, options.frequent_tokens, options.extra_codebooks, options.codebook_size,
-            steps=options.steps, batch_size=options.batch_size, lr=options.lr, temperature=options.temperature,
-            final_temperature=options.final_temperature, refit=options.refit, seed=ctx.seed + 1,
-        )
+        state, tier_stats = add_frequent_tier(old.weight, weights, counts, state, options.frequent_tokens, options.extra_codebooks,
+                                              options.codebook_size, product, seed=ctx.seed + 1, **learn)
         stats["adaptive"] = tier_stats
         kind = "tiered_codes"
-        spec = {"codebooks": options.codebooks, "codebook_size": options.codebook_size,
+        spec = {"codebooks": options.codebooks, "codebook_size": options.codebook_size, "layout": options.layout,
                 "extra_codebooks": options.extra_codebooks, "frequent_tokens": tier_stats["frequent_tokens"]}
     stats["tokens_seen"] = int((counts > 0).sum())
     stats["bytes_before"] = old.weight.numel() * old.weight.element_size()

@@ -252,50 +252,71 @@ def code_dtype(num_values: int) -> torch.dtype:
     return torch.int16 if num_values <= 32768 else torch.int32
 
 
+def lookup_codes(codes: torch.Tensor, codebooks: torch.Tensor, codebook_size: int, product: bool) -> torch.Tensor:
+    """[..., M] integer codes -> [..., dim]: row codes[m] of codebook m (rows m*K .. m*K+K-1 of the
+    codebooks table) for every m, then their sum (additive codes) or their concatenation (product codes,
+    each codebook a slice of the dimensions). Widened only after the gather, so tables stay uint8."""
+    offsets = torch.arange(codes.shape[-1], device=codes.device) * codebook_size
+    rows = nn.functional.embedding(codes.long() + offsets, codebooks)
+    return rows.flatten(-2) if product else rows.sum(dim=-2)
+
+
+def code_width(embedding_dim: int, num_codebooks: int, product: bool, code_dim: int | None = None) -> int:
+    """Codebook row size: a 1/M slice of the embedding for product codes, code_dim (or the embedding
+    size) for additive ones."""
+    if not product:
+        return code_dim or embedding_dim
+    if embedding_dim % num_codebooks:
+        raise ValueError(f"product codes need the number of codebooks ({num_codebooks}) to divide the embedding size {embedding_dim}")
+    return embedding_dim // num_codebooks
+
+
 class CodeEmbedding(nn.Module):
     """Compositional codes (Shu & Nakayama 2018): token t is M integers codes[t] in [0, K), and its
     embedding is the sum over m of row codes[t, m] of codebook m (optionally mapped by a Linear from
-    code_dim to embedding_dim). The M codebooks are one (M*K) x code_dim table: codebook m is rows
-    m*K .. m*K+K-1, so a lookup is two Gathers and a sum in ONNX too."""
+    code_dim to embedding_dim). With product=True (product quantization, the special case where
+    codebook m only covers the m-th slice of the dimensions) the rows are concatenated instead, so each
+    codebook stores dim/M floats per row. The M codebooks are one (M*K) x width table: codebook m is
+    rows m*K .. m*K+K-1, so a lookup is two Gathers and a sum (or a reshape) in ONNX too."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, num_codebooks: int, codebook_size: int,
-                 code_dim: int | None = None, linear: bool = False, padding_idx: int | None = None):
+                 code_dim: int | None = None, linear: bool = False, padding_idx: int | None = None, product: bool = False):
         super().__init__()
-        code_dim = code_dim or embedding_dim
-        if not linear and code_dim != embedding_dim:
+        if product and linear:
+            raise ValueError("product codes have no linear map")
+        code_dim = code_width(embedding_dim, num_codebooks, product, code_dim)
+        if not linear and not product and code_dim != embedding_dim:
             raise ValueError(f"code_dim {code_dim} != embedding dim {embedding_dim} needs linear=True")
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.num_codebooks, self.codebook_size, self.code_dim = num_codebooks, codebook_size, code_dim
+        self.num_codebooks, self.codebook_size, self.code_dim, self.product = num_codebooks, codebook_size, code_dim, product
         self.register_buffer("codes", torch.zeros(num_embeddings, num_codebooks, dtype=code_dtype(codebook_size)))
         self.codebooks = nn.Parameter(torch.zeros(num_codebooks * codebook_size, code_dim))
         self.proj = nn.Linear(code_dim, embedding_dim) if linear else None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # gather the small integer codes first and widen after, so the table stays uint8 in ONNX too
-        offsets = torch.arange(self.num_codebooks, device=input_ids.device) * self.codebook_size
-        rows = self.codes[input_ids].long() + offsets
-        out = nn.functional.embedding(rows, self.codebooks).sum(dim=-2)
+        out = lookup_codes(self.codes[input_ids], self.codebooks, self.codebook_size, self.product)
         return self.proj(out) if self.proj is not None else out
 
 
 class TieredCodeEmbedding(CodeEmbedding):
     """Adaptive code lengths (after Kim et al. 2020), two tiers: every token has M base codes, and the
     `frequent_tokens` most frequent ones also have `extra_codebooks` codes into codebooks of their own
-    (K rows each), added to the base sum. extra_row[t] is token t's row of extra_codes, or
-    frequent_tokens (a row that is masked out) when t has no extra codes."""
+    (K rows each), added to the base embedding. extra_row[t] is token t's row of extra_codes, or
+    frequent_tokens (a row that is masked out) when t has no extra codes. Both tiers are additive or
+    both are product codes (then each tier concatenates its own slices)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, num_codebooks: int, codebook_size: int,
-                 extra_codebooks: int, frequent_tokens: int, padding_idx: int | None = None):
-        super().__init__(num_embeddings, embedding_dim, num_codebooks, codebook_size, padding_idx=padding_idx)
+                 extra_codebooks: int, frequent_tokens: int, padding_idx: int | None = None, product: bool = False):
+        super().__init__(num_embeddings, embedding_dim, num_codebooks, codebook_size, padding_idx=padding_idx, product=product)
         self.extra_codebooks, self.frequent_tokens = extra_codebooks, frequent_tokens
         self.register_buffer("extra_row", torch.full((num_embeddings,), frequent_tokens, dtype=code_dtype(frequent_tokens + 1)))
         self.register_buffer("extra_codes", torch.zeros(frequent_tokens + 1, extra_codebooks, dtype=code_dtype(codebook_size)))
-        self.extra_books = nn.Parameter(torch.zeros(extra_codebooks * codebook_size, embedding_dim))
+        width = code_width(embedding_dim, extra_codebooks, product)
+        self.extra_books = nn.Parameter(torch.zeros(extra_codebooks * codebook_size, width))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         row = self.extra_row[input_ids].long()
-        offsets = torch.arange(self.extra_codebooks, device=input_ids.device) * self.codebook_size
-        extra = nn.functional.embedding(self.extra_codes[row].long() + offsets, self.extra_books).sum(dim=-2)
+        extra = lookup_codes(self.extra_codes[row], self.extra_books, self.codebook_size, self.product)
         return super().forward(input_ids) + extra * (row < self.frequent_tokens).unsqueeze(-1).to(extra.dtype)
 
 
@@ -333,13 +354,15 @@ class BinaryEmbedding(nn.Module):
 # and returns an empty module of the right shapes.
 EMBEDDING_BUILDERS = {
     "factorized": lambda spec, n, d, pad: FactorizedEmbedding(n, d, int(spec["rank"]), pad),
-    # spec: {"codebooks": M, "codebook_size": K, "code_dim": d, "linear": bool}
+    # spec: {"codebooks": M, "codebook_size": K, "code_dim": d, "linear": bool, "layout": "additive" | "product"}
     "codes": lambda spec, n, d, pad: CodeEmbedding(
-        n, d, int(spec["codebooks"]), int(spec["codebook_size"]), int(spec.get("code_dim") or d), bool(spec.get("linear", False)), pad
+        n, d, int(spec["codebooks"]), int(spec["codebook_size"]), spec.get("code_dim"), bool(spec.get("linear", False)), pad,
+        product=spec.get("layout") == "product",
     ),
-    # spec: {"codebooks": M, "codebook_size": K, "extra_codebooks": E, "frequent_tokens": N}
+    # spec: {"codebooks": M, "codebook_size": K, "extra_codebooks": E, "frequent_tokens": N, "layout": ...}
     "tiered_codes": lambda spec, n, d, pad: TieredCodeEmbedding(
-        n, d, int(spec["codebooks"]), int(spec["codebook_size"]), int(spec["extra_codebooks"]), int(spec["frequent_tokens"]), pad
+        n, d, int(spec["codebooks"]), int(spec["codebook_size"]), int(spec["extra_codebooks"]), int(spec["frequent_tokens"]), pad,
+        product=spec.get("layout") == "product",
     ),
     # spec: {"bits": B}
     "binary": lambda spec, n, d, pad: BinaryEmbedding(n, d, int(spec["bits"]), pad),
