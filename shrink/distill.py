@@ -297,11 +297,14 @@ def distill(
     progress: bool = True,
     seed: int = 0,
     on_step=None,
+    dropout: bool = True,
 ) -> dict:
     """Train the student to match the teacher (and/or the labels). AdamW, warm-up + linear decay,
     gradient clipping and accumulation; with eval_batches and early_stop_patience, stops after that
-    many evaluations without improvement and keeps the best weights. `on_step(step, total_steps)`, if
-    given, runs after every optimizer step (e.g. to apply a pruning schedule). Returns the history."""
+    many evaluations without improvement, and always ends with the best evaluated weights. `on_step(step, total_steps)`, if
+    given, runs after every optimizer step (e.g. to apply a pruning schedule). dropout=False trains in
+    eval mode: for near-lossless recovery (the student already within a percent of the teacher), the
+    noise dropout adds is larger than the gap being closed. Returns the history."""
     if not train_batches:
         raise BadInputError("distill: no training batches", hint="the calibration split is empty")
     device = resolve_device(device)
@@ -333,7 +336,7 @@ def distill(
     bad_evals, stopped_early = 0, False
 
     order = _batch_order(len(train_batches), micro_batches, seed)
-    student.train()
+    student.train(dropout)
     from .console import progress as progress_bar
 
     with progress_bar() as bar:
@@ -373,10 +376,13 @@ def distill(
             if history["steps"] >= total_steps:
                 break
 
-    if stopped_early:  # the weights of the best evaluation, which may be the starting ones
-        student.load_state_dict(best_state)
-    student.eval()
     history["stopped_early"] = stopped_early
+    if keep_best and (stopped_early or evaluate() > best):
+        # the weights of the best evaluation, which may be the starting ones: a recovery step that ran
+        # to the end but ended worse than it was at some evaluation must not hand back the worse model
+        student.load_state_dict(best_state)
+        history["kept_best"] = True
+    student.eval()
     history["eval_loss_after"] = evaluate() if evaluate else None
     history["seconds"] = round(time.perf_counter() - started, 2)
     return history

@@ -181,6 +181,29 @@ def test_early_stop_keeps_the_best_weights():
     assert history["evals"][-1]["loss"] > best  # the last weights were worse, and were not kept
 
 
+def test_best_weights_are_kept_when_training_ends_worse_without_stopping_early():
+    student, teacher = student_teacher("seq")
+    train = corpus_batches(40, seed=0)
+    held_out = [dict(b) for b in train]
+    for t, h in zip(train, held_out):
+        t["labels"] = (t["input_ids"][:, 1] % 3).long()
+        h["labels"] = (t["labels"] + 1) % 3
+    history = distill(student, teacher, train, eval_batches=held_out, epochs=1, lr=3e-3, early_stop_patience=100, progress=False)
+    assert not history["stopped_early"] and history["kept_best"]
+    best = min([history["eval_loss_before"]] + [e["loss"] for e in history["evals"]])
+    assert history["eval_loss_after"] == pytest.approx(best, rel=1e-4) and history["evals"][-1]["loss"] > best
+
+
+def test_dropout_false_trains_without_dropout_noise():
+    """A student equal to its teacher has zero loss only when dropout is off (tiny models have dropout 0.1)."""
+    teacher = sharp(tiny_model("bert"))
+    train = corpus_batches(8, seed=0)
+    students = [copy.deepcopy(teacher).requires_grad_(True) for _ in range(2)]
+    noisy = distill(students[0], teacher, train, max_steps=1, lr=1e-9, progress=False)
+    exact = distill(students[1], teacher, train, max_steps=1, lr=1e-9, dropout=False, progress=False)
+    assert exact["losses"][0] < 1e-6 < noisy["losses"][0], (exact["losses"], noisy["losses"])
+
+
 def test_distill_refuses_empty_data_and_missing_cuda():
     student, teacher = student_teacher()
     with pytest.raises(BadInputError, match="no training batches"):

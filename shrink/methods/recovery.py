@@ -18,6 +18,7 @@ class DistillOptions(Strict):
     grad_accum: int = Field(1, ge=1)
     early_stop_patience: int | None = Field(None, ge=1, description="evaluations without improvement before stopping")
     loss: list[Literal["auto", "task", "logits_kl", "hidden_mse", "embedding_cosine"]] = Field(default_factory=lambda: ["auto"])
+    dropout: bool = Field(True, description="train with the model's dropout; false for near-lossless recovery, where its noise exceeds the gap")
 
 
 # A matrix with at least this share of exact zeros was pruned (weights.magnitude): trained dense
@@ -49,6 +50,7 @@ def distill_step(ctx: Context, target, options: DistillOptions) -> StepResult:
         grad_accum=options.grad_accum,
         early_stop_patience=options.early_stop_patience,
         loss=tuple(options.loss),
+        dropout=options.dropout,
         device=ctx.device,
         on_step=hold_zeros,  # runs before any early-stop snapshot, so restored weights keep the zeros too
     )
