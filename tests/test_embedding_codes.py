@@ -290,6 +290,16 @@ def test_chains_after_head_pruning(setup, tmp_path):
     assert [op["op"] for op in slim.config.shrink["ops"]][-1] == "embedding"
 
 
+def test_tokens_are_counted_on_the_whole_calibration_split(setup, tmp_path):
+    seen = []
+    for count in ([], ["--set", "steps.0.options.count_samples=4"]):
+        fast = [a.replace("embedding-codes.", "") for a in FAST_CODES]
+        result = prune(setup, tmp_path / f"slim{len(count)}", ["embedding-codes"], *fast, *count, "--max-samples", "4", "--json")
+        assert result.exit_code == 0, result.output
+        seen.append(json.loads(result.stdout)["steps"][0]["stats"]["tokens_seen"])
+    assert seen[0] > seen[1] > 0, seen  # default: every calibration example, not only the 4 used for training
+
+
 @pytest.mark.parametrize("layout", ["product", "additive"])
 def test_adaptive_codes_through_prune(setup, tmp_path, layout):
     fast = [*FAST_CODES, "--set", f"steps.0.options.layout={layout}", "--set", "steps.0.options.steps=30"]

@@ -7,7 +7,8 @@ x 384 floats of codebooks (1.8 MB) with the defaults.
 
 Learning (`learn_codes`), on the embedding rows alone (no forward pass through the encoder):
 1. Token weights: each row's reconstruction error counts 1 + frequency_weight * log(1 + n), n the
-   token's count in the calibration data, so frequent tokens matter more and unseen ones still count.
+   token's count in the calibration data (the whole split by default, not only the --max-samples used
+   for training: counting only tokenizes), so frequent tokens matter more and unseen ones still count.
 2. A Gumbel-softmax autoencoder: encoder e -> tanh MLP -> M x K logits; a (straight-through) Gumbel
    sample per codebook picks one row of each; the decoder sums them. Trained on minibatches of rows
    with Adam while the temperature anneals, so the samples harden towards the argmax used at the end.
@@ -59,6 +60,9 @@ class CodesOptions(Strict):
     final_temperature: float = Field(0.1, gt=0, description="temperature at the end (annealed geometrically)")
     frequency_weight: float = Field(1.0, ge=0, description="row weight 1 + this x log(1 + count in the calibration data); 0: all rows equal")
     refit: bool = Field(True, description="refit the codebooks by weighted least squares once the codes are fixed")
+    count_samples: int | None = Field(None, ge=1, description="calibration examples whose tokens are counted for the weights and the tier; "
+                                      "default the whole calibration split (counting only tokenizes, so it can see more than --max-samples)")
+    max_length: int = Field(128, ge=8, description="tokens per counted example")
     frequent_tokens: int = Field(0, ge=0, description="adaptive variant: this many most frequent tokens of the calibration data get extra codes")
     extra_codebooks: int = Field(16, ge=1, le=256, description="adaptive variant: extra codes (into codebooks of their own) per frequent token")
 
@@ -314,7 +318,8 @@ def embedding_codes(ctx: Context, target, options: CodesOptions) -> StepResult:
         for m in (options.codebooks, *([options.extra_codebooks] if options.frequent_tokens else [])):
             if dim % m:
                 raise BadInputError(f"embedding.codes: layout product needs codebooks that divide the hidden size {dim}; {m} does not")
-    counts = token_counts(ctx.calibration, old.num_embeddings)
+    # the more text is counted, the better the frequent tokens are known
+    counts = token_counts(ctx.calibration_batches(options.count_samples, options.max_length, 64), old.num_embeddings)
     weights = row_weights(counts, options.frequency_weight)
     spec = {"codebooks": options.codebooks, "codebook_size": options.codebook_size, "layout": options.layout}
     if product:
