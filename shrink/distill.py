@@ -377,13 +377,15 @@ def distill(
                 break
 
     history["stopped_early"] = stopped_early
-    if keep_best and (stopped_early or evaluate() > best):
+    # an early stop already knows its last weights are worse; otherwise the final weights are evaluated once
+    final = evaluate() if evaluate and not stopped_early else None
+    if keep_best and (stopped_early or final > best):
         # the weights of the best evaluation, which may be the starting ones: a recovery step that ran
         # to the end but ended worse than it was at some evaluation must not hand back the worse model
         student.load_state_dict(best_state)
-        history["kept_best"] = True
+        history["kept_best"], final = True, best
     student.eval()
-    history["eval_loss_after"] = evaluate() if evaluate else None
+    history["eval_loss_after"] = final
     history["seconds"] = round(time.perf_counter() - started, 2)
     return history
 
