@@ -263,6 +263,7 @@ FAST_HEADS = [
     "--set", "heads-a-star.steps.0.target={heads_count: 4}", "--set", "heads-a-star.steps.0.options.calibration_samples=8",
     "--set", "heads-a-star.steps.0.options.max_evaluations=10", "--set", "heads-a-star.steps.1.options.max_steps=1",
 ]
+FAST_BINARY = ["--set", "steps.0.options.steps=20", "--set", "steps.0.options.bits=16", "--set", "steps.1.options.max_steps=1"]
 COMMON = ["--max-samples", "16", "--eval-samples", "8", "--max-length", "32", "--no-export"]
 
 
@@ -290,11 +291,12 @@ def test_chains_after_head_pruning(setup, tmp_path):
     assert [op["op"] for op in slim.config.shrink["ops"]][-1] == "embedding"
 
 
-def test_tokens_are_counted_on_the_whole_calibration_split(setup, tmp_path):
+@pytest.mark.parametrize("recipe", ["embedding-codes", "embedding-binary"])
+def test_tokens_are_counted_on_the_whole_calibration_split(setup, tmp_path, recipe):
     seen = []
     for count in ([], ["--set", "steps.0.options.count_samples=4"]):
-        fast = [a.replace("embedding-codes.", "") for a in FAST_CODES]
-        result = prune(setup, tmp_path / f"slim{len(count)}", ["embedding-codes"], *fast, *count, "--max-samples", "4", "--json")
+        fast = [a.replace("embedding-codes.", "") for a in FAST_CODES] if recipe == "embedding-codes" else FAST_BINARY
+        result = prune(setup, tmp_path / f"slim{len(count)}", [recipe], *fast, *count, "--max-samples", "4", "--json")
         assert result.exit_code == 0, result.output
         seen.append(json.loads(result.stdout)["steps"][0]["stats"]["tokens_seen"])
     assert seen[0] > seen[1] > 0, seen  # default: every calibration example, not only the 4 used for training
@@ -312,8 +314,7 @@ def test_adaptive_codes_through_prune(setup, tmp_path, layout):
 
 
 def test_binary_recipe_runs(setup, tmp_path):
-    fast = ["--set", "steps.0.options.steps=20", "--set", "steps.0.options.bits=16", "--set", "steps.1.options.max_steps=1"]
-    result = prune(setup, tmp_path / "slim", ["embedding-binary"], *fast)
+    result = prune(setup, tmp_path / "slim", ["embedding-binary"], *FAST_BINARY)
     assert result.exit_code == 0, result.output
     assert isinstance(surgery.word_embeddings_of(load_model(str(tmp_path / "slim"))), BinaryEmbedding)
 

@@ -16,16 +16,15 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..registry import Context, Plan, StepResult, Strict, register
-from .embedding_codes import fit_rows, replaceable_word_embeddings, row_weights, token_counts, weighted_error
+from ..registry import Context, Plan, StepResult, register
+from .embedding_codes import TokenWeightOptions, calibration_token_weights, fit_rows, replaceable_word_embeddings, weighted_error
 
 
-class BinaryOptions(Strict):
+class BinaryOptions(TokenWeightOptions):
     bits: int = Field(256, ge=8, le=4096, multiple_of=8, description="binary digits per token (a multiple of 8)")
     steps: int = Field(3000, ge=1, description="autoencoder optimizer steps")
     batch_size: int = Field(512, ge=1, description="embedding rows per step")
     lr: float = Field(3e-3, gt=0)
-    frequency_weight: float = Field(1.0, ge=0, description="row weight 1 + this x log(1 + count in the calibration data)")
     refit: bool = Field(True, description="refit the decoder by weighted least squares once the bits are fixed")
 
 
@@ -99,9 +98,9 @@ def learn_binary(
 def embedding_binary(ctx: Context, target, options: BinaryOptions) -> StepResult:
     """Replace the word embeddings by bit-packed binary codes with a linear decoder, learned to reconstruct them."""
     old = replaceable_word_embeddings(ctx.model)
-    counts = token_counts(ctx.calibration, old.num_embeddings)
+    counts, weights = calibration_token_weights(ctx, options, old.num_embeddings)
     state, stats = learn_binary(
-        old.weight, row_weights(counts, options.frequency_weight), options.bits, steps=options.steps,
+        old.weight, weights, options.bits, steps=options.steps,
         batch_size=options.batch_size, lr=options.lr, refit=options.refit, seed=ctx.seed,
     )
     stats["tokens_seen"] = int((counts > 0).sum())

@@ -44,7 +44,16 @@ from pydantic import Field, model_validator
 from ..registry import Context, Plan, StepResult, Strict, register
 
 
-class CodesOptions(Strict):
+class TokenWeightOptions(Strict):
+    """How embedding rows are weighted by their tokens' frequency (shared with embedding.binary)."""
+
+    frequency_weight: float = Field(1.0, ge=0, description="row weight 1 + this x log(1 + count in the calibration data); 0: all rows equal")
+    count_samples: int | None = Field(None, ge=1, description="calibration examples whose tokens are counted; default the whole "
+                                      "calibration split (counting only tokenizes, so it can see more than --max-samples)")
+    max_length: int = Field(128, ge=8, description="tokens per counted example")
+
+
+class CodesOptions(TokenWeightOptions):
     layout: Literal["additive", "product"] = Field(
         "additive", description="additive: summed full-width codebook rows, Gumbel-softmax autoencoder; product: "
         "each codebook a slice of the dimensions (concatenated), weighted k-means; codebooks must divide the hidden size")
@@ -58,11 +67,7 @@ class CodesOptions(Strict):
     lr: float = Field(3e-3, gt=0)
     temperature: float = Field(1.0, gt=0, description="Gumbel-softmax temperature at the start")
     final_temperature: float = Field(0.1, gt=0, description="temperature at the end (annealed geometrically)")
-    frequency_weight: float = Field(1.0, ge=0, description="row weight 1 + this x log(1 + count in the calibration data); 0: all rows equal")
     refit: bool = Field(True, description="refit the codebooks by weighted least squares once the codes are fixed")
-    count_samples: int | None = Field(None, ge=1, description="calibration examples whose tokens are counted for the weights and the tier; "
-                                      "default the whole calibration split (counting only tokenizes, so it can see more than --max-samples)")
-    max_length: int = Field(128, ge=8, description="tokens per counted example")
     frequent_tokens: int = Field(0, ge=0, description="adaptive variant: this many most frequent tokens of the calibration data get extra codes")
     extra_codebooks: int = Field(16, ge=1, le=256, description="adaptive variant: extra codes (into codebooks of their own) per frequent token")
 
@@ -94,6 +99,13 @@ def token_counts(batches: list[dict], vocab_size: int) -> torch.Tensor:
 def row_weights(counts: torch.Tensor, frequency_weight: float) -> torch.Tensor:
     """1 + frequency_weight * log(1 + count): never zero, growing slowly with frequency."""
     return (1 + frequency_weight * torch.log1p(counts)).float()
+
+
+def calibration_token_weights(ctx: Context, options: TokenWeightOptions, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts, row weights) from the calibration split: the more text is counted, the better the
+    frequent tokens are known, so by default all of it, not only the examples training uses."""
+    counts = token_counts(ctx.calibration_batches(options.count_samples, options.max_length, 64), vocab_size)
+    return counts, row_weights(counts, options.frequency_weight)
 
 
 # --- the autoencoder -------------------------------------------------------------------------------
@@ -318,9 +330,7 @@ def embedding_codes(ctx: Context, target, options: CodesOptions) -> StepResult:
         for m in (options.codebooks, *([options.extra_codebooks] if options.frequent_tokens else [])):
             if dim % m:
                 raise BadInputError(f"embedding.codes: layout product needs codebooks that divide the hidden size {dim}; {m} does not")
-    # the more text is counted, the better the frequent tokens are known
-    counts = token_counts(ctx.calibration_batches(options.count_samples, options.max_length, 64), old.num_embeddings)
-    weights = row_weights(counts, options.frequency_weight)
+    counts, weights = calibration_token_weights(ctx, options, old.num_embeddings)
     spec = {"codebooks": options.codebooks, "codebook_size": options.codebook_size, "layout": options.layout}
     if product:
         learn = {"iterations": options.iterations}
