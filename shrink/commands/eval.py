@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..console import note, out, print_json
+from shrink.console import note, out, print_json
 
 METRICS = {  # result key: label in the table
     "accuracy": "accuracy",
@@ -38,11 +38,11 @@ def register(app: typer.Typer) -> None:
         json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     ) -> None:
         """Measure a model on data: accuracy/macro-F1 or Spearman, and fidelity to a teacher."""
-        from ..cli import cli_errors
+        from shrink.commands import cli_errors
 
         with cli_errors():
-            from ..data import read_examples, split_examples
-            from ..evaluate import batches_for, evaluate, runner_for
+            from shrink.data.examples import read_examples, split_examples
+            from shrink.measure.evaluate import batches_for, evaluate, runner_for
 
             # The data first: a bad file should fail before seconds of model loading.
             examples = read_examples(data, text_column, text_pair_column, label_column)
@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
             if samples is not None:
                 examples = _sample(examples, samples, seed)
 
-            from ..distill import resolve_device
+            from shrink.train.device import resolve_device
 
             device = resolve_device(device)
             runner = runner_for(_model_or_path(model, device))
@@ -73,14 +73,14 @@ def _model_or_path(ref: str, device: str):
     """An .onnx path stays a path (run by onnxruntime); anything else is loaded as a torch model."""
     if ref.endswith(".onnx"):
         return ref
-    from ..hub import load_model
+    from shrink.models.hub import load_model
 
     return load_model(ref, device=device)
 
 
 def _default_teacher(model: str) -> str | None:
     """A slim checkpoint remembers the model it was cut from; compare with that."""
-    from ..hub import is_local, read_config_dict, resolve
+    from shrink.models.hub import is_local, read_config_dict, resolve
 
     if model.endswith(".onnx"):
         directory = str(Path(model).parent)
@@ -97,8 +97,8 @@ def _default_teacher(model: str) -> str | None:
 
 
 def _tokenizer(tokenizer: str | None, model: str):
-    from ..errors import BadInputError
-    from ..hub import load_tokenizer
+    from shrink.errors import BadInputError
+    from shrink.models.hub import load_tokenizer
 
     if tokenizer:
         return load_tokenizer(tokenizer)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..console import note, out, print_json
+from shrink.console import note, out, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -24,12 +24,12 @@ def register(app: typer.Typer) -> None:
         json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     ) -> None:
         """Export to ONNX (dynamic batch/sequence) and check it against torch."""
-        from ..cli import cli_errors
+        from shrink.commands import cli_errors
 
         with cli_errors():
-            from ..errors import BadInputError
-            from ..export import export_onnx
-            from ..hub import display_name, load_model, load_tokenizer, resolve
+            from shrink.errors import BadInputError
+            from shrink.measure.export import export_onnx
+            from shrink.models.hub import display_name, load_model, load_tokenizer, resolve
 
             target = output or Path(f"{display_name(model)}{'-int8' if int8 else ''}.onnx")
             if target.suffix != ".onnx":

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..console import out, print_json
+from shrink.console import out, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -16,11 +16,11 @@ def register(app: typer.Typer) -> None:
         json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     ) -> None:
         """Show a model's structure: layers, heads and FFN size per layer, parameters by component."""
-        from ..cli import cli_errors
+        from shrink.commands import cli_errors
 
         with cli_errors():
-            from ..hub import load_model, resolve
-            from ..info import describe
+            from shrink.models.hub import load_model, resolve
+            from shrink.models.info import describe
 
             summary = describe(load_model(model), resolve(model))
             summary["model"] = model

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..console import print_json
+from shrink.console import print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -35,13 +35,14 @@ def register(app: typer.Typer) -> None:
         json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON document on stdout.")] = False,
     ) -> None:
         """Apply recipes and write a slim checkpoint, model.onnx and a before/after report."""
-        from ..cli import cli_errors
+        from shrink.commands import cli_errors
 
         with cli_errors():
-            from ..errors import BadInputError
-            from ..pipeline import PruneSettings, check_gates
-            from ..pipeline import prune as run_prune
-            from ..prune_report import show
+            from shrink.errors import BadInputError
+            from shrink.measure.thresholds import prune_failures, raise_on_failures
+            from shrink.prune.pipeline import PruneSettings
+            from shrink.prune.pipeline import prune as run_prune
+            from shrink.prune.report import show
 
             if device not in ("cpu", "cuda"):
                 raise BadInputError(f"--device {device!r}: use cpu or cuda")
@@ -49,11 +50,12 @@ def register(app: typer.Typer) -> None:
                 data=data, eval_data=eval_data, text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
                 eval_fraction=eval_fraction, max_samples=max_samples, eval_samples=eval_samples, max_length=max_length, seed=seed,
                 device=device, export=not no_export, overwrite=overwrite, overrides=list(set_ or []),
-                max_quality_drop=max_quality_drop, min_speedup=min_speedup,
             )
             report = run_prune(model, recipe, output, settings)
             if json_output:
                 print_json(report)
             else:
                 show(report)
-            check_gates(report, settings)
+            # checked after everything is written, so a failing CI run still has the outputs to inspect
+            failures = prune_failures(report, max_quality_drop=max_quality_drop, min_speedup=min_speedup)
+            raise_on_failures(failures, report["output"])

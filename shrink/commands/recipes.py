@@ -6,13 +6,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..console import out, print_json
+from shrink.console import out, print_json
 
 
 def describe_recipe(name: str) -> dict:
     """A recipe's steps with the full option and target values (defaults filled in) and their help."""
-    from ..recipe import load_recipe
-    from ..registry import get_method
+    from shrink.prune.recipe import load_recipe
+    from shrink.methods.catalog import get_method
 
     recipe = load_recipe(name)
     steps = []
@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     ) -> None:
         """List the built-in recipes, or show one recipe's steps with options and defaults."""
-        from ..cli import cli_errors
+        from shrink.commands import cli_errors
 
         with cli_errors():
             if name is not None:
@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
                 return
             import yaml
 
-            from ..recipe import builtin_recipes
+            from shrink.prune.recipe import builtin_recipes
 
             found = {}
             for recipe_name, path in builtin_recipes().items():

@@ -33,11 +33,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..errors import BadInputError
-from ..registry import Context, Plan, StepResult, Strict, register
-from ..surgery import adapter_of, layers_of
-from ..surgery import runtime
-from ..surgery.runtime import LowRankLinear, get_module
+from shrink.errors import BadInputError
+from shrink.methods.base import Context, Plan, StepResult, Strict, register
+from shrink.surgery import adapter_of, layers_of
+from shrink.surgery import runtime
+from shrink.surgery.runtime import LowRankLinear, get_module
 
 MODULES = ("query", "key", "value", "attention_out", "ffn_in", "ffn_out")
 
@@ -129,7 +129,7 @@ def candidates(model: nn.Module, modules: list[str]) -> list[Matrix]:
 @torch.no_grad()
 def input_statistics(model: nn.Module, matrices: list[Matrix], batches: list[dict], full: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per matrix over real (unpadded) tokens: (E[x x^T], or only its diagonal E[x^2] unless `full`; E[x])."""
-    from ..distill import model_inputs
+    from shrink.arch import model_inputs
 
     sums, means = [None] * len(matrices), [None] * len(matrices)
     count = [0]
@@ -212,7 +212,7 @@ def layer_params(model: nn.Module) -> int:
 
 
 def layer_flops(model: nn.Module, seq_length: int) -> int:
-    from ..flops import model_flops
+    from shrink.models.flops import model_flops
 
     flops = model_flops(model, seq_length)
     return flops["attention"] + flops["ffn"]

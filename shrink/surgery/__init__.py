@@ -1,6 +1,6 @@
 """Exact structural surgery (the only code that changes tensor shapes) and the slim-model runtime."""
 
-from .ops import (
+from shrink.surgery.ops import (
     adapter_of,
     drop_layers,
     factorize_linear,

@@ -12,20 +12,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import BadInputError, UnsupportedModelError
-from . import runtime
-from .runtime import Adapter, LowRankLinear, get_module, set_module
+from shrink.errors import BadInputError, UnsupportedModelError
+from shrink.surgery import runtime
+from shrink.surgery.runtime import Adapter, LowRankLinear, get_module, set_module
 
 
-def adapter_of(model: nn.Module) -> Adapter:
-    adapter = runtime.adapter_for(model.config)
+def check_supported(config) -> Adapter:
+    """The adapter of a config's family; UnsupportedModelError (exit 2) for any other family."""
+    adapter = runtime.adapter_for(config)
     if adapter is None:
         supported = ", ".join(sorted(runtime.ADAPTERS))
         raise UnsupportedModelError(
-            f"model type {getattr(model.config, 'model_type', None)!r} is not supported",
+            f"model type {getattr(config, 'model_type', None)!r} is not supported",
             hint=f"supported types: {supported}",
         )
     return adapter
+
+
+def adapter_of(model: nn.Module) -> Adapter:
+    return check_supported(model.config)
 
 
 def manifest_of(model: nn.Module) -> dict:

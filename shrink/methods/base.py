@@ -1,0 +1,87 @@
+"""What a method is made of: the leaf API every method file imports (and nothing of the orchestration).
+
+A method is one function registered with its pydantic option and target models; it gets a Context
+and returns a StepResult whose plan shrink.surgery applies. shrink.methods.catalog finds the
+built-in methods (every module of this package) and the plugins (entry-point group `shrink.methods`).
+
+    @register("heads.a_star", options=AStarOptions, target=HeadsTarget, needs_labels=False)
+    def a_star(ctx, target, options) -> StepResult: ...
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict
+
+from shrink.errors import BadInputError
+
+
+class Strict(BaseModel):
+    """Base for option/target models: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NoTarget(Strict):
+    pass
+
+
+@dataclass
+class Plan:
+    """What a method wants removed, in current positions. Only shrink.surgery applies it."""
+
+    heads: dict[int, list[int]] | None = None  # layer -> heads to KEEP
+    ffn: dict[int, list[int]] | None = None  # layer -> neurons to KEEP
+    drop_layers: list[int] | None = None
+    # (kind, spec, state): new word embeddings, built by shrink.surgery.install_word_embeddings
+    embedding: tuple[str, dict, dict] | None = None
+    # Linear path (from the base model) -> rank, or (rank, (first, second)) with precomputed factors
+    low_rank: dict[str, Any] | None = None
+
+
+@dataclass
+class StepResult:
+    plan: Plan | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable
+    options: type[Strict]
+    target: type[Strict]
+    needs_labels: bool
+    description: str
+
+
+METHODS: dict[str, Method] = {}  # filled by @register; read through shrink.methods.catalog
+
+
+def register(name: str, *, options: type[Strict], target: type[Strict] = NoTarget, needs_labels: bool = False):
+    def decorate(fn: Callable) -> Callable:
+        description = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        METHODS[name] = Method(name, fn, options, target, needs_labels, description)
+        return fn
+
+    return decorate
+
+
+@dataclass
+class Context:
+    """What a method gets: the model being slimmed (mutated only through plans and shrink.surgery),
+    the frozen original as teacher, data already tokenized and split, and the objective to minimise."""
+
+    model: Any
+    teacher: Any
+    tokenizer: Any
+    calibration: list  # batches (dicts of tensors) to train on
+    calibration_batches: Callable  # (samples, max_length, batch_size) -> batches: a seeded subset to score on
+    evaluation: list  # held-out batches; methods never score on them
+    objective: Any  # shrink.train.objectives.Objective
+    has_labels: bool
+    device: str = "cpu"
+    seed: int = 0

@@ -1,0 +1,69 @@
+"""Recovery after pruning: distillation from the original model (shrink.train.loop)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from shrink.methods.base import Context, StepResult, Strict, register
+
+
+class DistillOptions(Strict):
+    epochs: float = Field(1, gt=0, description="passes over the calibration split")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    lr: float = Field(5e-5, gt=0)
+    warmup: float = Field(0.1, ge=0, lt=1, description="fraction of steps with linear warm-up")
+    grad_clip: float = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    early_stop_patience: int | None = Field(None, ge=1, description="evaluations without improvement before stopping")
+    loss: list[Literal["auto", "task", "logits_kl", "hidden_mse", "embedding_cosine"]] = Field(default_factory=lambda: ["auto"])
+    dropout: bool = Field(True, description="train with the model's dropout; false for near-lossless recovery, where its noise exceeds the gap")
+
+
+# A matrix with at least this share of exact zeros was pruned (weights.magnitude): trained dense
+# weights are practically never exactly zero, so recovery keeps those zeros instead of refilling them.
+SPARSE_MATRIX_ZEROS = 0.05
+
+
+@register("distill", options=DistillOptions)
+def distill_step(ctx: Context, target, options: DistillOptions) -> StepResult:
+    """Recover quality by distilling the original model into the slim one."""
+    from shrink.train.loop import distill
+
+    # Early stopping watches every tenth calibration batch, never the report's held-out split.
+    train, watch = ctx.calibration, None
+    if options.early_stop_patience and len(ctx.calibration) >= 2:
+        watch = ctx.calibration[::10]
+        train = [b for i, b in enumerate(ctx.calibration) if i % 10]
+    hold_zeros = sparsity_keeper(ctx.model)
+    history = distill(
+        ctx.model,
+        ctx.teacher,
+        train,
+        eval_batches=watch,
+        epochs=options.epochs,
+        max_steps=options.max_steps,
+        lr=options.lr,
+        warmup=options.warmup,
+        grad_clip=options.grad_clip,
+        grad_accum=options.grad_accum,
+        early_stop_patience=options.early_stop_patience,
+        loss=tuple(options.loss),
+        dropout=options.dropout,
+        device=ctx.device,
+        on_step=hold_zeros,  # runs before any early-stop snapshot, so restored weights keep the zeros too
+    )
+    ctx.model.eval()
+    return StepResult(plan=None, stats={"distill": history})
+
+
+def sparsity_keeper(model):
+    """An on_step callback that re-zeroes the weights an earlier pruning step zeroed, or None."""
+    from shrink.methods.magnitude import apply_masks, prunable_weights
+
+    weights = {name: w for name, w in prunable_weights(model).items() if (w == 0).float().mean() >= SPARSE_MATRIX_ZEROS}
+    if not weights:
+        return None
+    masks = {name: w != 0 for name, w in weights.items()}
+    return lambda step, total: apply_masks(weights, masks)

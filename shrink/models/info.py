@@ -1,0 +1,71 @@
+"""`shrink info`: the structure of a model as it really is (read off the module shapes, not the config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shrink.surgery import runtime
+from shrink.surgery.ops import adapter_of, ffn_per_layer, heads_per_layer, layers_of, original_layer_ids
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def params_by_component(model) -> dict[str, int]:
+    """Parameters split into embeddings / attention / ffn / other (pooler, heads, norms outside blocks).
+    Tied parameters are counted once."""
+    adapter = adapter_of(model)
+    base = runtime.base_model(model)
+    seen: set[int] = set()
+
+    def count(module) -> int:
+        total = 0
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total
+
+    embeddings = count(runtime.get_module(base, adapter.word_embeddings.rpartition(".")[0]))
+    if hasattr(base, "embeddings_project"):  # electra projects small embeddings up to hidden size
+        embeddings += count(base.embeddings_project)
+    attention = ffn = 0
+    for layer in layers_of(model):
+        attention += count(runtime.get_module(layer, adapter.attention_block))
+        ffn += sum(count(runtime.get_module(layer, path)) for path in adapter.ffn_blocks)
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return {"embeddings": embeddings, "attention": attention, "ffn": ffn, "other": total - embeddings - attention - ffn}
+
+
+def size_on_disk(resolved: str) -> int | None:
+    """Bytes of weight files in a local model directory (None for hub ids)."""
+    path = Path(resolved)
+    if not path.is_dir():
+        return None
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".onnx", ".data"))
+
+
+def describe(model, resolved: str | None = None) -> dict:
+    adapter = adapter_of(model)
+    config = model.config
+    params = params_by_component(model)
+    manifest = getattr(config, "shrink", None) or {}
+    return {
+        "model_type": config.model_type,
+        "architecture": type(model).__name__,
+        "task_head": None if model is runtime.base_model(model) else type(model).__name__,
+        "num_layers": len(layers_of(model)),
+        "original_layers": original_layer_ids(model),
+        "heads_per_layer": heads_per_layer(model),
+        "ffn_per_layer": ffn_per_layer(model),
+        "hidden_size": getattr(config, adapter.hidden_size_attr),
+        "head_size": getattr(config, adapter.hidden_size_attr) // getattr(config, adapter.num_heads_attr),
+        "vocab_size": config.vocab_size,
+        "max_positions": getattr(config, adapter.max_positions_attr, None),
+        "params": params,
+        "params_total": sum(params.values()),
+        "size_on_disk_bytes": size_on_disk(resolved) if resolved else None,
+        "slim": bool(manifest.get("ops")),
+        "manifest_ops": [op["op"] for op in manifest.get("ops", [])],
+    }

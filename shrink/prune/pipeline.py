@@ -1,0 +1,255 @@
+"""`shrink prune`: load -> data -> recipe steps (plan -> surgery) -> slim checkpoint + ONNX + report.
+
+Data flows one way. Methods plan (what to remove) and only shrink.surgery changes shapes. Everything
+is written into a temporary directory that replaces the output directory in one rename at the end,
+so an error or Ctrl-C leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shrink.console import note
+from shrink.errors import BadInputError
+from shrink.prune.recipe import Recipe, load_recipe, validated
+from shrink.methods.base import Context, Plan
+
+
+@dataclass
+class PruneSettings:
+    data: str | None = None  # None: the bundled calibration corpus
+    eval_data: str | None = None  # held-out data from its own file instead of a split of `data`
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    eval_fraction: float = 0.2
+    max_samples: int | None = 1024  # calibration examples used for training/recovery (None: all)
+    eval_samples: int | None = 512  # held-out examples the report's quality figures use (None: all)
+    max_length: int = 128
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "cpu"
+    export: bool = True
+    overwrite: bool = False
+    overrides: list[str] = field(default_factory=list)
+
+
+def load_recipes(refs: list[str], overrides: list[str]) -> list[Recipe]:
+    """Load each recipe; with several recipes an override must name its recipe first
+    (`heads-a-star.steps.0.target.heads_fraction=0.3`)."""
+    if not refs:
+        raise BadInputError("no recipe given", hint="pass --recipe NAME (see `shrink recipes`)")
+    if len(refs) == 1:
+        return [load_recipe(refs[0], overrides)]
+    names = [Path(r).stem for r in refs]
+    for override in overrides:
+        if override.split(".", 1)[0] not in names:
+            raise BadInputError(f"--set {override}: with several recipes, start the key with a recipe name ({', '.join(names)})")
+    return [
+        load_recipe(ref, [o.split(".", 1)[1] for o in overrides if o.split(".", 1)[0] == name])
+        for ref, name in zip(refs, names)
+    ]
+
+
+def default_output(model_ref: str, recipes: list[Recipe]) -> Path:
+    from shrink.models.hub import display_name
+
+    return Path(f"{display_name(model_ref)}-{'+'.join(r.name for r in recipes)}")
+
+
+def apply_plan(model, plan: Plan) -> None:
+    from shrink import surgery
+
+    # low rank first: its precomputed factors are for the matrices as they are when planned
+    for path, spec in (plan.low_rank or {}).items():
+        rank, factors = spec if isinstance(spec, tuple) else (spec, None)
+        surgery.factorize_linear(model, path, rank, factors)
+    if plan.heads:
+        surgery.prune_heads(model, plan.heads)
+    if plan.ffn:
+        surgery.prune_ffn(model, plan.ffn)
+    if plan.drop_layers:
+        surgery.drop_layers(model, plan.drop_layers)
+    if plan.embedding:
+        surgery.install_word_embeddings(model, *plan.embedding)
+
+
+def structure(model) -> dict:
+    from shrink.models.flops import model_flops
+    from shrink.models.info import describe
+
+    summary = describe(model)
+    keys = ("num_layers", "original_layers", "heads_per_layer", "ffn_per_layer", "params", "params_total")
+    figures = {k: summary[k] for k in keys}
+    figures["gflops_s128"] = round(model_flops(model, 128)["total"] / 1e9, 3)  # batch 1, analytic
+    return figures
+
+
+@dataclass
+class Session:
+    """Everything loaded for a run: the context methods get, and the data behind it."""
+
+    ctx: Context
+    calibration: object  # shrink.data.examples.Examples
+    held_out: object
+
+
+def build_session(model_ref: str, settings: PruneSettings) -> Session:
+    """Load model, teacher (a frozen copy), tokenizer and data; split and batch; pick the objective."""
+    import torch
+
+    from shrink.data.examples import make_batches, read_examples, split_examples
+    from shrink.arch import task_head
+    from shrink.train.device import resolve_device, to_device
+    from shrink.train.objectives import choose_objective
+    from shrink.models.hub import load_model, load_tokenizer
+
+    torch.manual_seed(settings.seed)
+    random.seed(settings.seed)
+    settings.device = resolve_device(settings.device)  # a clear error when CUDA is asked for but absent
+    model = load_model(model_ref, device=settings.device)
+    tokenizer = load_tokenizer(model_ref)
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    columns = (settings.text_column, settings.text_pair_column, settings.label_column)
+    examples = read_examples(settings.data, *columns)
+    if settings.eval_data:
+        calibration, held_out = examples, read_examples(settings.eval_data, *columns)
+    else:
+        calibration, held_out = split_examples(examples, settings.eval_fraction, settings.seed)
+    has_labels = examples.labels is not None
+    # an embedding model encodes the two texts of a pair separately (bi-encoder); a classifier jointly
+    pair_encoding = "separate" if task_head(model) is None else "cross"
+
+    def batches(ex, samples, max_length, batch_size):
+        made = make_batches(
+            tokenizer, ex, max_length=max_length, batch_size=batch_size, max_samples=samples,
+            label_ids=model if has_labels else None, seed=settings.seed, pair_encoding=pair_encoding,
+        )
+        return [to_device(b, settings.device) for b in made]  # methods then never move tensors
+
+    ctx = Context(
+        model=model,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        calibration=batches(calibration, settings.max_samples, settings.max_length, settings.batch_size),
+        calibration_batches=lambda n, length, size: batches(calibration, n, length, size),
+        evaluation=batches(held_out, settings.eval_samples, settings.max_length, settings.batch_size),
+        objective=choose_objective(model, teacher, has_labels),
+        has_labels=has_labels,
+        device=settings.device,
+        seed=settings.seed,
+    )
+    return Session(ctx, calibration, held_out)
+
+
+def run_step(ctx: Context, method, options, target) -> tuple:
+    """Run one method, apply its plan through shrink.surgery. Returns (result, seconds)."""
+    started = time.perf_counter()
+    result = method.fn(ctx, target, options)
+    if result.plan is not None:
+        apply_plan(ctx.model, result.plan)
+    ctx.model.eval()
+    return result, round(time.perf_counter() - started, 2)
+
+
+def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None, settings: PruneSettings | None = None) -> dict:
+    """Run the recipe chain on a model and write the slim checkpoint, ONNX and report. Returns the report."""
+    from shrink.models.hub import resolve
+    from shrink.models.slim import atomic_directory, check_output_dir
+
+    settings = settings or PruneSettings()
+    started = time.perf_counter()
+    recipes = load_recipes(recipe_refs, settings.overrides)
+    steps = [(recipe, step, *validated(step)) for recipe in recipes for step in recipe.steps]
+    out = Path(out) if out else default_output(model_ref, recipes)
+    resolved = resolve(model_ref)
+    check_output_dir(out, settings.overwrite, [Path(resolved)] if Path(resolved).is_dir() else [])
+
+    session = build_session(model_ref, settings)
+    ctx = session.ctx
+    for recipe, step, method, _, _ in steps:
+        if method.needs_labels and not ctx.has_labels:
+            raise BadInputError(
+                f"recipe {recipe.name}: method {method.name} needs labeled data",
+                hint="pass --data FILE with --label-column",
+            )
+    model, teacher, tokenizer, evaluation, objective = ctx.model, ctx.teacher, ctx.tokenizer, ctx.evaluation, ctx.objective
+    calibration, held_out = session.calibration, session.held_out
+    quality_before = quality(teacher, evaluation, teacher)
+    before = structure(model)
+
+    step_reports = []
+    for recipe, step, method, options, target in steps:
+        note(f"[bold]{recipe.name}[/bold]: {method.name}")
+        result, seconds = run_step(ctx, method, options, target)
+        step_reports.append({
+            "recipe": recipe.name,
+            "method": method.name,
+            "target": step.target,
+            "options": step.options,
+            "seconds": seconds,
+            "stats": result.stats,
+            "structure_after": structure(model),
+        })
+    quality_after = quality(model, evaluation, teacher)
+
+    report = {
+        "model": model_ref,
+        "recipes": [r.name for r in recipes],
+        "output": str(out.resolve()),
+        "seed": settings.seed,
+        "data": settings.data or "bundled corpus",
+        "eval_data": settings.eval_data or f"{settings.eval_fraction:.0%} split of the data",
+        "calibration_examples": len(calibration.texts),
+        "eval_examples": min(len(held_out.texts), settings.eval_samples or len(held_out.texts)),
+        "objective": objective.name,
+        "before": before,
+        "after": structure(model),
+        "quality": {"before": quality_before, "after": quality_after},
+        "steps": step_reports,
+    }
+    manifest_extra = {
+        "source": model_ref,
+        "recipes": [{"name": r.name, "steps": [s.model_dump() for s in r.steps]} for r in recipes],
+    }
+    from shrink.models.slim import write_checkpoint
+
+    model.cpu(), teacher.cpu()  # checkpoints, ONNX export and CPU latency are measured on the CPU
+    with atomic_directory(out, settings.overwrite) as tmp:
+        write_checkpoint(model, tmp, tokenizer, manifest_extra)
+        if settings.export:
+            report["onnx"] = export_and_bench(teacher, model, tmp, tokenizer, evaluation)
+        report["seconds_total"] = round(time.perf_counter() - started, 1)
+        from shrink.prune.report import write_prune_report
+
+        write_prune_report(report, tmp)
+    return report
+
+
+def quality(model, batches, teacher) -> dict:
+    """The held-out figures the report compares: task metric when labels exist, fidelity always."""
+    from shrink.measure.evaluate import evaluate
+
+    return evaluate(model, batches, teacher=teacher)
+
+
+def export_and_bench(teacher, model, directory: Path, tokenizer, evaluation) -> dict:
+    """model.onnx (parity-gated) for the slim model, and ONNX Runtime latency of original vs slim,
+    interleaved in one run (b=1, s=128, one thread)."""
+    import tempfile
+
+    from shrink.measure.bench.run import bench
+    from shrink.measure.export import export_onnx
+
+    slim = export_onnx(model, directory / "model.onnx", tokenizer=tokenizer, parity_batches=evaluation[:2])
+    with tempfile.TemporaryDirectory() as scratch:
+        original = export_onnx(teacher, Path(scratch) / "original.onnx", tokenizer=tokenizer, parity_batches=evaluation[:1])
+        latency = bench([original["path"], slim["path"]], batch_sizes=(1,), seq_lengths=(128,), threads=1)
+    return {"export": slim, "original_export": original, "bench": latency}

@@ -1,0 +1,83 @@
+"""The prune report: report.json (everything), report.md and the terminal table (the headline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def headline_rows(report: dict) -> list[tuple[str, str, str, str]]:
+    """(figure, before, after, change) rows shared by the terminal table and report.md."""
+    before, after = report["before"], report["after"]
+    rows = [
+        ("parameters", _fmt_params(before["params_total"]), _fmt_params(after["params_total"]),
+         f"{after['params_total'] / before['params_total']:.2f}x"),
+        ("GFLOPs (b=1, s=128, analytic)", f"{before['gflops_s128']:.2f}", f"{after['gflops_s128']:.2f}",
+         f"{after['gflops_s128'] / before['gflops_s128']:.2f}x"),
+        ("heads", str(sum(before["heads_per_layer"])), str(sum(after["heads_per_layer"])), ""),
+        ("heads per layer", " ".join(map(str, before["heads_per_layer"])), " ".join(map(str, after["heads_per_layer"])), ""),
+        ("FFN per layer", " ".join(map(str, before["ffn_per_layer"])), " ".join(map(str, after["ffn_per_layer"])), ""),
+    ]
+    onnx = report.get("onnx")
+    if onnx:
+        bench = onnx["bench"]
+        for key, label in (("size_mb", "ONNX size (MB)"), ("p50_ms", "ONNX p50 latency (ms, b=1 s=128, 1 thread)")):
+            b, a = bench_value(bench, 0, key), bench_value(bench, 1, key)
+            if b is not None and a is not None:
+                rows.append((label, f"{b:.2f}", f"{a:.2f}", f"{b / a:.2f}x faster" if key == "p50_ms" else f"{a / b:.2f}x"))
+    q_before, q_after = report["quality"]["before"], report["quality"]["after"]
+    for key in ("accuracy", "macro_f1", "spearman", "embedding_cosine", "top1_agreement"):
+        if q_before.get(key) is not None and q_after.get(key) is not None:
+            rows.append((f"{key} (held-out)", f"{q_before[key]:.4f}", f"{q_after[key]:.4f}", f"{q_after[key] - q_before[key]:+.4f}"))
+    return rows
+
+
+def bench_value(bench: dict, index: int, key: str):
+    """A figure of the index-th benchmarked model, if the bench result carries it."""
+    try:
+        return float(bench["models"][index][key])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def to_markdown(report: dict) -> str:
+    lines = [
+        f"# shrink report: {report['model']} with {' + '.join(report['recipes'])}",
+        "",
+        f"Data: {report['data']} ({report['calibration_examples']} calibration / {report['eval_examples']} held-out examples), "
+        f"objective: {report['objective']}, seed {report['seed']}.",
+        "",
+        "| figure | before | after | change |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in headline_rows(report)]
+    lines += ["", "## Steps", "", "| recipe | method | seconds | what it did |", "|---|---|---|---|"]
+    for step in report["steps"]:
+        stats = step["stats"]
+        did = ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, dict))[:400]
+        lines.append(f"| {step['recipe']} | {step['method']} | {step['seconds']} | {did} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_prune_report(report: dict, directory: Path) -> None:
+    (directory / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    (directory / "report.md").write_text(to_markdown(report), encoding="utf-8")
+
+
+def show(report: dict) -> None:
+    from rich.table import Table
+
+    from shrink.console import out
+
+    table = Table(title=f"{report['model']} -> {report['output']}", show_edge=False)
+    for col in ("figure", "before", "after", "change"):
+        table.add_column(col, justify="left" if col == "figure" else "right")
+    for row in headline_rows(report):
+        table.add_row(*row)
+    out.print(table)
+    for step in report["steps"]:
+        out.print(f"  {step['recipe']} / {step['method']}: {step['seconds']} s")

@@ -1,0 +1,200 @@
+"""Objectives (what pruning methods minimise) and distillation recovery.
+
+An Objective compares a student with the frozen original (the teacher) on one batch:
+
+    targets(batch)                      teacher outputs, computed once (no grad)
+    per_sample(student, batch, targets) loss of each sample, shape [batch]
+    __call__(student, batch, targets)   the mean
+
+Every loss is per sample (never mixed across rows), so a batch repeated k times with per-sample
+gates gives k independent scores in one pass (shrink.methods.heads.scoring relies on this).
+
+    task              cross-entropy with the labels (sequence classification; MSE for regression)
+    logits_kl         KL(teacher || student) of temperature-softened logits, times T^2
+    hidden_mse        hidden-state MSE, student layer i against the teacher layer it came from
+                      (shrink.surgery.original_layer_ids), so dropped layers are handled
+    embedding_cosine  1 - cos of mean-pooled last hidden states (sentence embedding models)
+
+`choose_objective` picks the right one for the model and data; shrink.train.loop trains the student.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from shrink.arch import logits_of, model_inputs, task_head
+from shrink.errors import BadInputError
+from shrink.train.device import to_device
+
+KINDS = ("task", "logits_kl", "hidden_mse", "embedding_cosine")
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens: the sentence-transformers pooling of all-MiniLM and friends."""
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+def last_hidden(model, batch: dict) -> torch.Tensor:
+    if task_head(model) is None:
+        return model(**model_inputs(model, batch)).last_hidden_state
+    return model(**model_inputs(model, batch), output_hidden_states=True).hidden_states[-1]
+
+
+def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] -> [batch]: mean over real tokens."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+class Objective:
+    name = "objective"
+
+    def __init__(self, teacher=None):
+        self.teacher = teacher
+
+    def targets(self, batch: dict) -> dict:
+        return {}
+
+    def per_sample(self, student, batch: dict, targets: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, student, batch: dict, targets: dict) -> torch.Tensor:
+        return self.per_sample(student, batch, targets).mean()
+
+    def __repr__(self) -> str:
+        return f"<Objective {self.name}>"
+
+
+class TaskLoss(Objective):
+    name = "task"
+
+    def per_sample(self, student, batch, targets):
+        logits = student(**model_inputs(student, batch)).logits
+        labels = batch["labels"]
+        if logits.shape[-1] == 1:  # regression head
+            return (logits.squeeze(-1) - labels.to(logits.dtype)) ** 2
+        return F.cross_entropy(logits, labels.long(), reduction="none")
+
+
+class LogitsKL(Objective):
+    name = "logits_kl"
+
+    def __init__(self, teacher, temperature: float = 2.0):
+        super().__init__(teacher)
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def targets(self, batch):
+        return {"logits": logits_of(self.teacher(**model_inputs(self.teacher, batch)))}
+
+    def per_sample(self, student, batch, targets):
+        t = self.temperature
+        student_logp = F.log_softmax(logits_of(student(**model_inputs(student, batch))) / t, dim=-1)
+        teacher_logp = F.log_softmax(targets["logits"] / t, dim=-1)
+        kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(dim=-1) * t * t
+        if kl.dim() == 1:  # sequence classification: one distribution per sample
+            return kl
+        if task_head(student) == "qa":  # start and end distributions over tokens
+            return kl.mean(dim=-1)
+        return _token_mean(kl, batch["attention_mask"])  # a distribution per token
+
+
+class HiddenMSE(Objective):
+    """MSE of every remaining student layer output (and the embeddings) against the teacher layer
+    it descends from; layers the student dropped have no partner and are skipped."""
+
+    name = "hidden_mse"
+
+    @torch.no_grad()
+    def targets(self, batch):
+        return {"hidden": self.teacher(**model_inputs(self.teacher, batch), output_hidden_states=True).hidden_states}
+
+    def per_sample(self, student, batch, targets):
+        from shrink.surgery import original_layer_ids
+
+        hidden = student(**model_inputs(student, batch), output_hidden_states=True).hidden_states
+        # hidden_states[0] is the embedding output; [i + 1] is the output of layer i.
+        pairs = [(0, 0)] + [(i + 1, orig + 1) for i, orig in enumerate(original_layer_ids(student))]
+        mask = batch["attention_mask"]
+        losses = [_token_mean(((hidden[s] - targets["hidden"][t]) ** 2).mean(dim=-1), mask) for s, t in pairs]
+        return torch.stack(losses).mean(dim=0)
+
+
+class EmbeddingCosine(Objective):
+    name = "embedding_cosine"
+
+    @torch.no_grad()
+    def targets(self, batch):
+        return {"embedding": mean_pool(last_hidden(self.teacher, batch), batch["attention_mask"])}
+
+    def per_sample(self, student, batch, targets):
+        embedding = mean_pool(last_hidden(student, batch), batch["attention_mask"])
+        return 1 - F.cosine_similarity(embedding, targets["embedding"], dim=-1)
+
+
+class SumObjective(Objective):
+    """Several objectives added (e.g. `loss: [logits_kl, hidden_mse]` in a recipe)."""
+
+    def __init__(self, parts: list[Objective]):
+        super().__init__(parts[0].teacher)
+        self.parts = parts
+        self.name = "+".join(p.name for p in parts)
+
+    def targets(self, batch):
+        return {p.name: p.targets(batch) for p in self.parts}
+
+    def per_sample(self, student, batch, targets):
+        return sum(p.per_sample(student, batch, targets[p.name]) for p in self.parts)
+
+
+def choose_objective(student, teacher, has_labels: bool, kind: str | None = None, temperature: float = 2.0) -> Objective:
+    """The loss for this model and data: the task loss with labels and a classification head,
+    logits KL with a task head and no labels, mean-pooled embedding cosine for base models."""
+    head = task_head(student)
+    if kind in (None, "auto"):
+        if has_labels and head == "sequence":
+            kind = "task"
+        elif head is not None:
+            kind = "logits_kl"
+        else:
+            kind = "embedding_cosine"
+    if kind == "task":
+        if not has_labels:
+            raise BadInputError("the task loss needs labeled data", hint="pass --data FILE --label-column NAME, or use logits_kl")
+        if head != "sequence":
+            raise BadInputError(f"the task loss needs a sequence classification head; {type(student).__name__} has none", hint="use a distillation loss")
+        return TaskLoss(teacher)
+    if kind == "logits_kl":
+        if head is None:
+            raise BadInputError(f"logits_kl needs a task head; {type(student).__name__} is a base model", hint="use embedding_cosine or hidden_mse")
+        return LogitsKL(teacher, temperature)
+    if kind == "hidden_mse":
+        return HiddenMSE(teacher)
+    if kind == "embedding_cosine":
+        return EmbeddingCosine(teacher)
+    raise BadInputError(f"unknown loss {kind!r}", hint=f"choose from auto, {', '.join(KINDS)}")
+
+
+def make_objective(student, teacher, has_labels: bool, kinds=("auto",), temperature: float = 2.0) -> Objective:
+    """One objective, or the sum of several."""
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds) or ["auto"]
+    parts = [choose_objective(student, teacher, has_labels, k, temperature) for k in kinds]
+    return parts[0] if len(parts) == 1 else SumObjective(parts)
+
+
+@torch.no_grad()
+def objective_loss(student, objective: Objective, batches: list[dict], targets: list[dict] | None = None, device="cpu") -> float:
+    """Mean per-sample objective over batches (student in eval mode)."""
+    was_training = student.training
+    student.eval()
+    total, count = 0.0, 0
+    for i, batch in enumerate(batches):
+        batch = to_device(batch, device)
+        t = targets[i] if targets is not None else objective.targets(batch)
+        losses = objective.per_sample(student, batch, t)
+        total += float(losses.sum())
+        count += losses.numel()
+    student.train(was_training)
+    return total / max(count, 1)

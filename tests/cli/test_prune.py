@@ -1,0 +1,147 @@
+"""`shrink prune` end to end on a tiny model, and every bad input of the prune issue."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from shrink import registry, surgery
+from shrink.cli import app
+from shrink.models.hub import load_model
+
+from helpers import (
+    SENTENCES,
+    assert_exit,
+    tiny_model,
+    tiny_tokenizer,
+    write_model_and_data,
+)
+
+runner = CliRunner()
+FAST = [
+    "--set", "steps.0.target={heads_count: 5}",
+    "--set", "steps.0.options.calibration_samples=8",
+    "--set", "steps.0.options.max_evaluations=20",
+    "--set", "steps.1.options.max_steps=2",
+    "--max-samples", "16", "--eval-samples", "8", "--max-length", "32",
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return write_model_and_data(tmp_path_factory.mktemp("prune"))
+
+
+def prune(setup, out, *extra):
+    args = ["prune", str(setup / "model"), "--recipe", "heads-a-star", "--data", str(setup / "data.txt"), "-o", str(out), "--no-export"]
+    return runner.invoke(app, [*args, *FAST, *map(str, extra)])
+
+
+def test_prune_writes_a_slim_checkpoint_and_report(setup, tmp_path):
+    out = tmp_path / "slim"
+    result = prune(setup, out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert sum(report["after"]["heads_per_layer"]) == 12 - 5
+    assert report["steps"][0]["stats"]["heads_removed"] == 5
+    assert report["steps"][0]["stats"]["nodes_expanded"] >= 1
+    assert {"before", "after"} <= set(report["quality"])
+    for name in ("config.json", "model.safetensors", "modeling_shrink.py", "report.json", "report.md", "tokenizer.json"):
+        assert (out / name).exists(), name
+    slim = load_model(str(out))
+    assert surgery.heads_per_layer(slim) == report["after"]["heads_per_layer"]
+    assert "heads.a_star" in (out / "report.md").read_text()
+
+
+def test_same_seed_same_model(setup, tmp_path):
+    assert prune(setup, tmp_path / "a").exit_code == 0
+    assert prune(setup, tmp_path / "b").exit_code == 0
+    a, b = load_model(str(tmp_path / "a")), load_model(str(tmp_path / "b"))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_unknown_recipe_suggests(setup, tmp_path):
+    result = runner.invoke(app, ["prune", str(setup / "model"), "--recipe", "heads-a-str", "-o", str(tmp_path / "o")])
+    assert_exit(result, 2, "unknown recipe", "heads-a-star")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: x\nsteps: [\n", "malformed YAML"),
+        ("name: x\nsteps:\n  - method: heads.nope\n", "unknown method"),
+        ("name: x\nsteps:\n  - method: heads.a_star\n    target: {heads_count: 2}\n    options: {branching: lots}\n", "steps.0.options.branching"),
+        ("name: x\nsteps:\n  - method: heads.a_star\n    target: {heads_fraction: 1.2}\n", "steps.0.target.heads_fraction"),
+    ],
+)
+def test_bad_recipe_files(setup, tmp_path, text, message):
+    (tmp_path / "r.yaml").write_text(text)
+    result = runner.invoke(app, ["prune", str(setup / "model"), "--recipe", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "o")])
+    assert_exit(result, 2, message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_more_heads_than_the_model_has(setup, tmp_path):
+    result = prune(setup, tmp_path / "o", "--set", "steps.0.target={heads_count: 13}")
+    assert_exit(result, 2, "heads_count 13")
+
+
+def test_recipe_that_needs_labels_on_unlabeled_data(setup, tmp_path, monkeypatch):
+    registry.all_methods()
+
+    @registry.register("test.needs_labels", options=registry.NoTarget, needs_labels=True)
+    def needs_labels(ctx, target, options):
+        raise AssertionError("must not run")
+
+    monkeypatch.setitem(registry.METHODS, "test.needs_labels", registry.METHODS["test.needs_labels"])
+    (tmp_path / "r.yaml").write_text("name: labelled\nsteps:\n  - method: test.needs_labels\n")
+    result = runner.invoke(app, ["prune", str(setup / "model"), "--recipe", str(tmp_path / "r.yaml"), "--data", str(setup / "data.txt"), "-o", str(tmp_path / "o")])
+    registry.METHODS.pop("test.needs_labels", None)
+    assert_exit(result, 2, "needs labeled data")
+
+
+def test_existing_non_empty_output_is_refused_and_untouched(setup, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    assert_exit(prune(setup, out), 2, "not empty", "--overwrite")
+    assert (out / "mine.txt").read_text() == "keep"
+
+
+def test_ctrl_c_leaves_no_output(setup, tmp_path, monkeypatch):
+    import shrink.prune.report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shrink.prune.report, "write_prune_report", interrupted)
+    result = prune(setup, tmp_path / "o")
+    assert result.exit_code == 130
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary directory
+
+
+def test_quality_gate_exits_1_after_writing(setup, tmp_path):
+    result = prune(setup, tmp_path / "o", "--max-quality-drop", "0")
+    assert_exit(result, 1, "threshold failed", "embedding_cosine dropped")
+    assert (tmp_path / "o" / "report.json").exists()
+
+
+def test_speedup_gate_without_export(setup, tmp_path):
+    assert_exit(prune(setup, tmp_path / "o", "--min-speedup", "1.5"), 1, "no speedup was measured")
+
+
+def test_eval_data_file_is_the_held_out_set(setup, tmp_path):
+    (tmp_path / "held.txt").write_text("a fox and an owl met.\nrain fell on the mat.\nthe sun came out.\n")
+    result = prune(setup, tmp_path / "o", "--eval-data", tmp_path / "held.txt", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["eval_examples"] == 3 and report["calibration_examples"] == len(SENTENCES)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_without_cuda_is_a_clear_error(setup, tmp_path):
+    assert_exit(prune(setup, tmp_path / "o", "--device", "cuda"), 2, "CUDA is not available")

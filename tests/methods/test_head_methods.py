@@ -1,0 +1,61 @@
+"""Head-pruning methods through the registry: a useless head is found first by every scorer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from shrink.methods.base import Context
+from shrink.methods.catalog import get_method
+from shrink.train.objectives import choose_objective
+
+from helpers import tiny_inputs, tiny_model
+
+USELESS = (1, 2)  # (layer, head) whose output projection columns are zeroed
+
+
+def context(seed=0):
+    model = tiny_model("bert")
+    with torch.no_grad():
+        layer, head = USELESS
+        model.encoder.layer[layer].attention.output.dense.weight[:, head * 8 : (head + 1) * 8] = 0
+    teacher = copy.deepcopy(model)
+    batches = [tiny_inputs(model, batch=4, length=10, seed=s) for s in range(2)]
+    return Context(
+        model=model, teacher=teacher, tokenizer=None, calibration=batches,
+        calibration_batches=lambda n, length, size: batches, evaluation=[],
+        objective=choose_objective(model, teacher, has_labels=False), has_labels=False, seed=seed,
+    )
+
+
+@pytest.mark.parametrize("name, options", [("heads.a_star", {}), ("heads.importance", {})])
+def test_the_useless_head_goes_first(name, options):
+    method = get_method(name)
+    result = method.fn(context(), method.target(heads_count=1), method.options(**options))
+    layer, head = USELESS
+    assert result.plan.heads == {layer: [h for h in range(4) if h != head]}
+
+
+def test_a_star_stats_and_plan_size():
+    method = get_method("heads.a_star")
+    result = method.fn(context(), method.target(heads_fraction=0.5), method.options(max_evaluations=30))
+    kept = sum(len(v) for v in result.plan.heads.values()) + 4 * (3 - len(result.plan.heads))
+    assert kept == 6
+    assert result.stats["heads_removed"] == 6 and result.stats["search_evaluations"] >= 1
+    assert result.stats["loss_increase"] >= 0
+
+
+def test_random_is_seeded():
+    method = get_method("heads.random")
+    a = method.fn(context(seed=1), method.target(heads_count=5), method.options())
+    b = method.fn(context(seed=1), method.target(heads_count=5), method.options())
+    c = method.fn(context(seed=2), method.target(heads_count=5), method.options())
+    assert a.plan.heads == b.plan.heads != c.plan.heads
+
+
+def test_count_target_validation():
+    target = get_method("heads.importance").target
+    with pytest.raises(ValueError, match="exactly one"):
+        target(heads_fraction=0.5, heads_count=3)
