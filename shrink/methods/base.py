@@ -56,15 +56,20 @@ class Method:
     target: type[Strict]
     needs_labels: bool
     description: str
+    # cheap {"target": {...}, "options": {...}} for tiny models: the contract test runs every method with it
+    smoke: dict | None = None
 
 
 METHODS: dict[str, Method] = {}  # filled by @register; read through shrink.methods.catalog
 
 
-def register(name: str, *, options: type[Strict], target: type[Strict] = NoTarget, needs_labels: bool = False):
+def register(name: str, *, options: type[Strict], target: type[Strict] = NoTarget, needs_labels: bool = False, smoke: dict | None = None):
+    """Register a method. `smoke`: cheap settings for tiny models ({"target": ..., "options": ...});
+    with them tests/contract runs the method on every family (plan applies, exact reload, ONNX parity)."""
+
     def decorate(fn: Callable) -> Callable:
         description = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        METHODS[name] = Method(name, fn, options, target, needs_labels, description)
+        METHODS[name] = Method(name, fn, options, target, needs_labels, description, smoke)
         return fn
 
     return decorate

@@ -268,7 +268,8 @@ def allocate(matrices: list[Matrix], budget: int, multiple: int, min_rank: int) 
 # --- the method ---------------------------------------------------------------------------------
 
 
-@register("lowrank.svd", options=LowRankOptions, target=LowRankTarget)
+@register("lowrank.svd", options=LowRankOptions, target=LowRankTarget,
+          smoke={"target": {"params_fraction": 0.6}, "options": {"calibration_samples": 4, "max_length": 16, "rank_multiple": 1}})
 def lowrank_svd(ctx: Context, target: LowRankTarget, options: LowRankOptions) -> StepResult:
     """Factorize attention/FFN matrices by (activation-weighted) truncated SVD to a global budget."""
     started = time.perf_counter()

@@ -94,7 +94,8 @@ def learn_binary(
     return state, stats
 
 
-@register("embedding.binary", options=BinaryOptions)
+@register("embedding.binary", options=BinaryOptions,
+          smoke={"options": {"bits": 16, "steps": 5}})
 def embedding_binary(ctx: Context, target, options: BinaryOptions) -> StepResult:
     """Replace the word embeddings by bit-packed binary codes with a linear decoder, learned to reconstruct them."""
     old = replaceable_word_embeddings(ctx.model)

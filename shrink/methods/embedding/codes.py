@@ -316,7 +316,8 @@ def replaceable_word_embeddings(model) -> torch.nn.Embedding:
     return old
 
 
-@register("embedding.codes", options=CodesOptions)
+@register("embedding.codes", options=CodesOptions,
+          smoke={"options": {"layout": "product", "codebooks": 4, "codebook_size": 4, "iterations": 2}})
 def embedding_codes(ctx: Context, target, options: CodesOptions) -> StepResult:
     """Replace the word embeddings by compositional codes (M codes of K values per token) learned to reconstruct them."""
     from shrink.errors import BadInputError

@@ -198,7 +198,8 @@ def _goal(target: HeadsTarget, total: int, importance: list[float]) -> int:
     return max(depth, 1)
 
 
-@register("heads.a_star", options=AStarOptions, target=HeadsTarget)
+@register("heads.a_star", options=AStarOptions, target=HeadsTarget,
+          smoke={"target": {"heads_count": 3}, "options": {"calibration_samples": 4, "max_length": 16, "max_evaluations": 10}})
 def a_star(ctx: Context, target: HeadsTarget, options: AStarOptions) -> StepResult:
     """Remove attention heads with A* search on the calibration objective."""
     started = time.perf_counter()

@@ -77,7 +77,8 @@ def gradient_importance(ctx: Context, batches: list[dict]) -> list[torch.Tensor]
     return [s.abs() for s in scores]
 
 
-@register("heads.importance", options=ImportanceOptions, target=HeadsCountTarget)
+@register("heads.importance", options=ImportanceOptions, target=HeadsCountTarget,
+          smoke={"target": {"heads_count": 3}, "options": {"calibration_samples": 4, "max_length": 16}})
 def heads_importance(ctx: Context, target: HeadsCountTarget, options: ImportanceOptions) -> StepResult:
     """Remove the heads with the lowest gradient importance, in one shot (Michel et al. 2019)."""
     counts = heads_per_layer(ctx.model)
@@ -92,7 +93,8 @@ def heads_importance(ctx: Context, target: HeadsCountTarget, options: Importance
     return StepResult(plan=plan_without(counts, removed), stats=stats)
 
 
-@register("heads.random", options=RandomOptions, target=HeadsCountTarget)
+@register("heads.random", options=RandomOptions, target=HeadsCountTarget,
+          smoke={"target": {"heads_count": 3}})
 def heads_random(ctx: Context, target: HeadsCountTarget, options: RandomOptions) -> StepResult:
     """Remove randomly chosen heads (a baseline)."""
     counts = heads_per_layer(ctx.model)

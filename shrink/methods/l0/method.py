@@ -290,7 +290,8 @@ def _counts(heads, ffn) -> tuple[list[int], list[int]]:
             [int((f > 0).sum()) if f is not None else 0 for f in ffn])
 
 
-@register("l0", options=L0Options, target=L0Target)
+@register("l0", options=L0Options, target=L0Target,
+          smoke={"target": {"params_fraction": 0.5}, "options": {"max_steps": 3}})
 def l0(ctx: Context, target: L0Target, options: L0Options) -> StepResult:
     """Learn hard-concrete L0 gates on heads, FFN neurons and sub-layers to a size/FLOPs/speed target."""
     from shrink.surgery import ffn_per_layer, heads_per_layer
