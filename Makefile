@@ -20,6 +20,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/shrink prune minilm --recipe heads-a-star -o out/minilm-heads-a-star --overwrite
 
 test: $(STAMP)
+	$(BIN)/lint-imports   # the architecture contract (pyproject.toml [tool.importlinter])
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 clean:

@@ -1,8 +1,9 @@
 """What a method is made of: the leaf API every method file imports (and nothing of the orchestration).
 
 A method is one function registered with its pydantic option and target models; it gets a Context
-and returns a StepResult whose plan shrink.surgery applies. shrink.methods.catalog finds the
-built-in methods (every module of this package) and the plugins (entry-point group `shrink.methods`).
+and returns a StepResult whose plan (a list of shrink.surgery ops, in the order they are to run)
+shrink.surgery.apply carries out. shrink.methods.catalog finds the built-in methods (every module
+of this package) and the plugins (entry-point group `shrink.methods`).
 
     @register("heads.a_star", options=AStarOptions, target=HeadsTarget, needs_labels=False)
     def a_star(ctx, target, options) -> StepResult: ...
@@ -17,6 +18,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict
 
 from shrink.errors import BadInputError
+from shrink.surgery.plan import legacy_plan
 
 
 class Strict(BaseModel):
@@ -29,22 +31,16 @@ class NoTarget(Strict):
     pass
 
 
-@dataclass
-class Plan:
-    """What a method wants removed, in current positions. Only shrink.surgery applies it."""
-
-    heads: dict[int, list[int]] | None = None  # layer -> heads to KEEP
-    ffn: dict[int, list[int]] | None = None  # layer -> neurons to KEEP
-    drop_layers: list[int] | None = None
-    # (kind, spec, state): new word embeddings, built by shrink.surgery.install_word_embeddings
-    embedding: tuple[str, dict, dict] | None = None
-    # Linear path (from the base model) -> rank, or (rank, (first, second)) with precomputed factors
-    low_rank: dict[str, Any] | None = None
+# Deprecated, for plugins written before plans were op lists: Plan(heads=..., ffn=..., ...) returns
+# the equivalent list of shrink.surgery ops.
+Plan = legacy_plan
 
 
 @dataclass
 class StepResult:
-    plan: Plan | None = None
+    # shrink.surgery ops (KeepHeads, KeepFFN, DropLayers, LowRank, ReplaceEmbedding), applied in this
+    # order; None or []: the step changes no shape
+    plan: list | None = None
     stats: dict[str, Any] = field(default_factory=dict)
 
 

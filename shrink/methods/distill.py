@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from shrink.methods.base import Context, StepResult, Strict, register
+from shrink.surgery import encoder_weights
 
 
 class DistillOptions(Strict):
@@ -61,10 +63,14 @@ def distill_step(ctx: Context, target, options: DistillOptions) -> StepResult:
 
 def sparsity_keeper(model):
     """An on_step callback that re-zeroes the weights an earlier pruning step zeroed, or None."""
-    from shrink.methods.magnitude import apply_masks, prunable_weights
-
-    weights = {name: w for name, w in prunable_weights(model).items() if (w == 0).float().mean() >= SPARSE_MATRIX_ZEROS}
+    weights = {name: w for name, w in encoder_weights(model).items() if (w == 0).float().mean() >= SPARSE_MATRIX_ZEROS}
     if not weights:
         return None
     masks = {name: w != 0 for name, w in weights.items()}
-    return lambda step, total: apply_masks(weights, masks)
+
+    @torch.no_grad()
+    def hold_zeros(step: int, total: int) -> None:
+        for name, w in weights.items():
+            w.mul_(masks[name])
+
+    return hold_zeros

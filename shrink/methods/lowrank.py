@@ -34,12 +34,10 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from shrink.errors import BadInputError
-from shrink.methods.base import Context, Plan, StepResult, Strict, register
-from shrink.surgery import adapter_of, layers_of
-from shrink.surgery import runtime
-from shrink.surgery.runtime import LowRankLinear, get_module
-
-MODULES = ("query", "key", "value", "attention_out", "ffn_in", "ffn_out")
+from shrink.methods.base import Context, StepResult, Strict, register
+from shrink.surgery import LowRank, encoder_linears, layers_of
+from shrink.surgery.ops import ENCODER_MODULES as MODULES
+from shrink.surgery.runtime import kind_of
 
 
 class LowRankTarget(Strict):
@@ -95,31 +93,12 @@ class Matrix:
         return min(rank * self.per_rank, self.bias_free_cost)
 
 
-def dense_weight(module: nn.Module) -> torch.Tensor:
-    if isinstance(module, LowRankLinear):
-        return (module.second.weight @ module.first.weight).detach().double()
-    return module.weight.detach().double()
-
-
 def candidates(model: nn.Module, modules: list[str]) -> list[Matrix]:
-    adapter = adapter_of(model)
     found = []
-    for position, layer in enumerate(layers_of(model)):
-        for name in modules:
-            attention = name in ("query", "key", "value", "attention_out")
-            if attention and not runtime.layer_has_attention(adapter, layer):
-                continue
-            if not attention and not runtime.layer_has_ffn(adapter, layer):
-                continue
-            inner = getattr(adapter, name)
-            module = get_module(layer, inner)
-            if isinstance(module, LowRankLinear):
-                cost, max_rank = module.rank * (module.in_features + module.out_features), module.rank
-            elif isinstance(module, nn.Linear):
-                cost, max_rank = module.in_features * module.out_features, min(module.in_features, module.out_features)
-            else:
-                continue
-            found.append(Matrix(f"{adapter.layers}.{position}.{inner}", module, dense_weight(module), cost, max_rank))
+    for path, module in encoder_linears(model, modules):
+        kind = kind_of(module)
+        cost = sum(w.numel() for w in kind.weight_matrices(module).values())  # r*(in+out) once factorized
+        found.append(Matrix(path, module, kind.dense_weight(module).double(), cost, kind.max_rank(module)))
     return found
 
 
@@ -196,11 +175,11 @@ def factors(matrix: Matrix, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     elif unweight is not None:  # first' = first L^{-1}: solve first' L = first, i.e. L^T first'^T = first^T
         first = torch.linalg.solve_triangular(unweight[1].T, first.T, upper=True).T
     second = u[:, :rank] * root[None, :]
-    dtype = matrix.module.first.weight.dtype if isinstance(matrix.module, LowRankLinear) else matrix.module.weight.dtype
+    kind = kind_of(matrix.module)
+    dtype = kind.input_weight(matrix.module).dtype
     if matrix.mean is None:
         return first.to(dtype), second.to(dtype)
-    bias = matrix.module.second.bias if isinstance(matrix.module, LowRankLinear) else matrix.module.bias
-    bias = bias.detach().double() + (matrix.weight - second @ first) @ matrix.mean
+    bias = kind.output_bias(matrix.module).detach().double() + (matrix.weight - second @ first) @ matrix.mean
     return first.to(dtype), second.to(dtype), bias.to(dtype)
 
 
@@ -283,7 +262,7 @@ def lowrank_svd(ctx: Context, target: LowRankTarget, options: LowRankOptions) ->
             raise BadInputError("lowrank.svd: no calibration batches for the input statistics")
         moments = input_statistics(ctx.model, matrices, batches, full=options.weighting == "whiten")
         for i, (m, (second_moment, mean)) in enumerate(zip(matrices, moments)):
-            has_bias = (m.module.second.bias if isinstance(m.module, LowRankLinear) else m.module.bias) is not None
+            has_bias = kind_of(m.module).output_bias(m.module) is not None
             if options.center and has_bias:
                 stats[i], m.mean = centered(second_moment, mean), mean
             else:
@@ -296,12 +275,12 @@ def lowrank_svd(ctx: Context, target: LowRankTarget, options: LowRankOptions) ->
     min_rank = options.min_rank or options.rank_multiple
     ranks = allocate(matrices, budget, options.rank_multiple, min_rank) if budget < now else [m.max_rank for m in matrices]
 
-    plan, report = {}, {}
+    plan, report = [], {}  # each op's factors fit its matrix as it is now
     for m, r in zip(matrices, ranks):
         kept = float(m.sigma2[:r].sum() / m.sigma2.sum().clamp(min=1e-30)) if len(m.sigma2) else 1.0
         changed = m.cost(r) < m.bias_free_cost
         if changed:
-            plan[m.path] = (r, factors(m, r))
+            plan.append(LowRank(m.path, r, factors(m, r)))
         report[m.path] = {
             "shape": [m.module.out_features, m.module.in_features],
             "rank": r if changed else None,  # None: left as it was
@@ -326,4 +305,4 @@ def lowrank_svd(ctx: Context, target: LowRankTarget, options: LowRankOptions) ->
     result_stats["layer_params_fraction"] = round(result_stats["layer_params_after"] / result_stats["layer_params_original"], 4)
     if budget >= now:
         result_stats["note"] = "already within the target: nothing factorized"
-    return StepResult(plan=Plan(low_rank=plan), stats=result_stats)
+    return StepResult(plan=plan, stats=result_stats)

@@ -31,10 +31,8 @@ from pydantic import Field, model_validator
 
 from shrink.errors import BadInputError
 from shrink.methods.base import Context, StepResult, Strict, register
-from shrink.surgery import adapter_of, layers_of
-from shrink.surgery import runtime
-from shrink.surgery.runtime import LowRankLinear, get_module
-from shrink.methods.lowrank import MODULES
+from shrink.surgery import encoder_weights
+from shrink.surgery.ops import ENCODER_MODULES as MODULES
 from shrink.methods.distill import DistillOptions
 
 
@@ -67,25 +65,6 @@ def cubic_sparsity(step: int, total: int, final: float, initial: float = 0.0, st
     t0, t1 = start * total, end * total
     progress = min(1.0, max(0.0, (step - t0) / max(t1 - t0, 1e-9)))
     return final + (initial - final) * (1 - progress) ** 3
-
-
-def prunable_weights(model, modules: list[str] = MODULES) -> dict[str, torch.Tensor]:
-    """Weight matrices of the encoder's attention and FFN (both factors of a LowRankLinear)."""
-    adapter = adapter_of(model)
-    found = {}
-    for position, layer in enumerate(layers_of(model)):
-        for name in modules:
-            attention = name in ("query", "key", "value", "attention_out")
-            if (attention and not runtime.layer_has_attention(adapter, layer)) or (not attention and not runtime.layer_has_ffn(adapter, layer)):
-                continue
-            module = get_module(layer, getattr(adapter, name))
-            prefix = f"{adapter.layers}.{position}.{getattr(adapter, name)}"
-            if isinstance(module, LowRankLinear):
-                found[f"{prefix}.first.weight"] = module.first.weight
-                found[f"{prefix}.second.weight"] = module.second.weight
-            elif isinstance(module, torch.nn.Linear):
-                found[f"{prefix}.weight"] = module.weight
-    return found
 
 
 @torch.no_grad()
@@ -157,7 +136,7 @@ def gradual_magnitude(ctx: Context, target: SparsityTarget, options: MagnitudeOp
     if options.initial_sparsity > target.sparsity:
         raise BadInputError(f"initial_sparsity {options.initial_sparsity} is above the target sparsity {target.sparsity}")
     started = time.perf_counter()
-    weights = prunable_weights(ctx.model, options.modules)
+    weights = encoder_weights(ctx.model, options.modules)
     if not weights:
         raise BadInputError("no attention or FFN matrix left to prune")
     before = nonzero_stats(ctx.model, weights)

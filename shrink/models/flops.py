@@ -29,12 +29,10 @@ from shrink.surgery.ops import adapter_of, head_size, heads_per_layer, layers_of
 
 
 def linear_flops(module: nn.Module, tokens: int) -> int:
-    """FLOPs of one Linear (or LowRankLinear: both factors) applied to `tokens` vectors."""
-    if isinstance(module, runtime.LowRankLinear):
-        return 2 * tokens * module.rank * (module.in_features + module.out_features)
-    if isinstance(module, nn.Linear):
-        return 2 * tokens * module.in_features * module.out_features
-    return 0
+    """FLOPs of one Linear (or LowRankLinear: both factors) applied to `tokens` vectors; 0 for any
+    other module."""
+    kind = runtime.kind_of(module)
+    return kind.flops(module, tokens) if kind is not None else 0
 
 
 def attention_matmul_flops(seq_len: int, heads: int, size: int) -> int:
@@ -61,7 +59,7 @@ def _linears(module: nn.Module, skip: set[int]):
     def walk(m: nn.Module) -> None:
         if id(m) in skip:
             return
-        if isinstance(m, (nn.Linear, runtime.LowRankLinear)):
+        if runtime.kind_of(m) is not None:
             found.append(m)
             return
         for child in m.children():

@@ -16,7 +16,8 @@ from pathlib import Path
 from shrink.console import note
 from shrink.errors import BadInputError
 from shrink.prune.recipe import Recipe, load_recipe, validated
-from shrink.methods.base import Context, Plan
+from shrink.methods.base import Context
+from shrink import surgery
 
 
 @dataclass
@@ -59,23 +60,6 @@ def default_output(model_ref: str, recipes: list[Recipe]) -> Path:
     from shrink.models.hub import display_name
 
     return Path(f"{display_name(model_ref)}-{'+'.join(r.name for r in recipes)}")
-
-
-def apply_plan(model, plan: Plan) -> None:
-    from shrink import surgery
-
-    # low rank first: its precomputed factors are for the matrices as they are when planned
-    for path, spec in (plan.low_rank or {}).items():
-        rank, factors = spec if isinstance(spec, tuple) else (spec, None)
-        surgery.factorize_linear(model, path, rank, factors)
-    if plan.heads:
-        surgery.prune_heads(model, plan.heads)
-    if plan.ffn:
-        surgery.prune_ffn(model, plan.ffn)
-    if plan.drop_layers:
-        surgery.drop_layers(model, plan.drop_layers)
-    if plan.embedding:
-        surgery.install_word_embeddings(model, *plan.embedding)
 
 
 def structure(model) -> dict:
@@ -153,8 +137,7 @@ def run_step(ctx: Context, method, options, target) -> tuple:
     """Run one method, apply its plan through shrink.surgery. Returns (result, seconds)."""
     started = time.perf_counter()
     result = method.fn(ctx, target, options)
-    if result.plan is not None:
-        apply_plan(ctx.model, result.plan)
+    surgery.apply(ctx.model, result.plan)  # the method chose the order of its ops
     ctx.model.eval()
     return result, round(time.perf_counter() - started, 2)
 

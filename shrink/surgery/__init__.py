@@ -1,8 +1,13 @@
-"""Exact structural surgery (the only code that changes tensor shapes) and the slim-model runtime."""
+"""Exact structural surgery (the only code that changes tensor shapes) and the slim-model runtime.
+
+    surgery.apply(model, [surgery.LowRank("pooler.dense", 8), surgery.KeepHeads({0: [0, 2]})])
+"""
 
 from shrink.surgery.ops import (
     adapter_of,
     drop_layers,
+    encoder_linears,
+    encoder_weights,
     factorize_linear,
     factorize_word_embeddings,
     ffn_per_layer,
@@ -16,10 +21,19 @@ from shrink.surgery.ops import (
     replace_word_embeddings,
     word_embeddings_of,
 )
+from shrink.surgery.plan import DropLayers, KeepFFN, KeepHeads, LowRank, ReplaceEmbedding, apply
 
 __all__ = [
+    "DropLayers",
+    "KeepFFN",
+    "KeepHeads",
+    "LowRank",
+    "ReplaceEmbedding",
     "adapter_of",
+    "apply",
     "drop_layers",
+    "encoder_linears",
+    "encoder_weights",
     "factorize_linear",
     "factorize_word_embeddings",
     "ffn_per_layer",

@@ -9,12 +9,18 @@ the removed parts gated to zero.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from shrink.errors import BadInputError, UnsupportedModelError
 from shrink.surgery import runtime
-from shrink.surgery.runtime import Adapter, LowRankLinear, get_module, set_module
+from shrink.surgery.runtime import Adapter, LowRankLinear, get_module, kind_of, set_module
+
+# The matrices of an encoder layer, by Adapter field: what weight-level methods may touch.
+ENCODER_MODULES = ("query", "key", "value", "attention_out", "ffn_in", "ffn_out")
+ATTENTION_MODULES = ("query", "key", "value", "attention_out")
 
 
 def check_supported(config) -> Adapter:
@@ -72,33 +78,42 @@ def ffn_per_layer(model: nn.Module) -> list[int]:
     ]
 
 
+def encoder_linears(model: nn.Module, modules: Sequence[str] = ENCODER_MODULES) -> list[tuple[str, nn.Module]]:
+    """(path from the base model, module) of each linear-like matrix named in `modules` (ENCODER_MODULES
+    names) in every layer, skipping removed attention and FFN blocks."""
+    adapter, found = adapter_of(model), []
+    for position, layer in enumerate(layers_of(model)):
+        for name in modules:
+            present = runtime.layer_has_attention if name in ATTENTION_MODULES else runtime.layer_has_ffn
+            if not present(adapter, layer):
+                continue
+            module = get_module(layer, getattr(adapter, name))
+            if kind_of(module) is not None:
+                found.append((f"{adapter.layers}.{position}.{getattr(adapter, name)}", module))
+    return found
+
+
+def encoder_weights(model: nn.Module, modules: Sequence[str] = ENCODER_MODULES) -> dict[str, torch.Tensor]:
+    """The weight matrices (both factors of a LowRankLinear) of the encoder_linears, by state-dict name
+    relative to the base model."""
+    return {
+        f"{path}.{suffix}": weight
+        for path, module in encoder_linears(model, modules)
+        for suffix, weight in kind_of(module).weight_matrices(module).items()
+    }
+
+
 # --- slicing Linear / LowRankLinear along their input or output features -----------------------
 
 
 def _rows(module: nn.Module, index: torch.Tensor) -> dict[str, torch.Tensor]:
     """State of `module` restricted to output features `index`."""
-    if isinstance(module, LowRankLinear):
-        state = {"first.weight": module.first.weight, "second.weight": module.second.weight[index]}
-        if module.second.bias is not None:
-            state["second.bias"] = module.second.bias[index]
-        return state
-    state = {"weight": module.weight[index]}
-    if module.bias is not None:
-        state["bias"] = module.bias[index]
-    return state
+    return kind_of(module).rows(module, index)
 
 
 def _columns(module: nn.Module, index: torch.Tensor) -> dict[str, torch.Tensor]:
     """State of `module` restricted to input features `index`."""
-    if isinstance(module, LowRankLinear):
-        state = {"first.weight": module.first.weight[:, index], "second.weight": module.second.weight}
-        if module.second.bias is not None:
-            state["second.bias"] = module.second.bias
-        return state
-    state = {"weight": module.weight[:, index]}
-    if module.bias is not None:
-        state["bias"] = module.bias
-    return state
+    return kind_of(module).columns(module, index)
 
 
 def _load(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -172,7 +187,7 @@ def prune_ffn(model: nn.Module, keep: dict[int, list[int]]) -> None:
             _load(get_module(layer, adapter.ffn_in), state_in)
             _load(get_module(layer, adapter.ffn_out), state_out)
         else:
-            bias = ffn_out.bias if not isinstance(ffn_out, LowRankLinear) else ffn_out.second.bias
+            bias = kind_of(ffn_out).output_bias(ffn_out)
             bias = bias.detach().clone() if bias is not None else None
             runtime.reshape_ffn(adapter, model.config, layer, 0)
             if bias is not None:
@@ -218,12 +233,10 @@ def factorize_linear(model: nn.Module, path: str, rank: int, factors: tuple[torc
         old = get_module(base, path)
     except AttributeError:
         raise BadInputError(f"no module named {path!r} in the model") from None
-    if isinstance(old, LowRankLinear):  # re-factorize to a lower rank (iterated compression)
-        weight, bias, limit = (old.second.weight @ old.first.weight).detach(), old.second.bias, old.rank
-    elif isinstance(old, nn.Linear):
-        weight, bias, limit = old.weight, old.bias, min(old.in_features, old.out_features)
-    else:
+    kind = kind_of(old)  # a LowRankLinear is re-factorized to a lower rank (iterated compression)
+    if kind is None:
         raise BadInputError(f"{path!r} is a {type(old).__name__}, not a Linear")
+    weight, bias, limit = kind.dense_weight(old), kind.output_bias(old), kind.max_rank(old)
     if not 1 <= rank <= limit:
         raise BadInputError(f"rank {rank} out of range for {path!r} ({old.out_features}x{old.in_features}, max {limit})")
     first, second = factors[:2] if factors is not None else svd_factors(weight, rank)

@@ -5,13 +5,16 @@ checkpoint as `modeling_shrink.py`, so `AutoModel.from_pretrained(dir, trust_rem
 on a machine without shrink. shrink itself uses the same code (`shrink.load`), so both paths rebuild
 the same modules.
 
-It holds three things:
+It is organised by its tables:
 1. `ADAPTERS`: for each supported architecture family, where it keeps layers, attention projections,
    FFN and embeddings. Nothing else in shrink hard-codes a module path.
 2. Replacement modules: a layer with no heads left, an FFN with no neurons left, a rank-r Linear and
-   word embeddings stored compactly (factorized, compositional codes, binary codes).
-3. `apply_manifest(model, manifest)`: replays the recorded operations on a freshly built original
-   architecture so that every tensor has the slim shape; the weights are then loaded strictly.
+   word embeddings stored compactly (factorized, compositional codes, binary codes; `EMBEDDING_BUILDERS`).
+   `MODULE_KINDS`: how each kind of linear module (nn.Linear, LowRankLinear) is sliced, rebuilt and
+   priced, so nothing else in shrink branches on the type.
+3. `REPLAY` and `apply_manifest(model, manifest)`: one entry per manifest op; apply_manifest replays
+   the recorded ops on a freshly built original architecture so that every tensor has the slim shape;
+   the weights are then loaded strictly.
 
 Manifest (the `shrink` section of config.json):
     {"format_version": 1, "ops": [op, ...], ...provenance...}
@@ -189,6 +192,120 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
+
+
+class DenseKind:
+    """nn.Linear: y = x W^T + b, W out x in."""
+
+    @staticmethod
+    def rows(module: nn.Linear, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """State restricted to output features `index`."""
+        state = {"weight": module.weight[index]}
+        if module.bias is not None:
+            state["bias"] = module.bias[index]
+        return state
+
+    @staticmethod
+    def columns(module: nn.Linear, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """State restricted to input features `index`."""
+        state = {"weight": module.weight[:, index]}
+        if module.bias is not None:
+            state["bias"] = module.bias
+        return state
+
+    @staticmethod
+    def empty_like(module: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+        """The same kind with new sizes, weights left for the caller (or a checkpoint) to fill."""
+        new = nn.Linear(in_features, out_features, bias=module.bias is not None)
+        return new.to(device=module.weight.device, dtype=module.weight.dtype)
+
+    @staticmethod
+    def dense_weight(module: nn.Linear) -> torch.Tensor:
+        """The equivalent out x in matrix (detached, in the module's dtype)."""
+        return module.weight.detach()
+
+    @staticmethod
+    def output_bias(module: nn.Linear) -> nn.Parameter | None:
+        return module.bias
+
+    @staticmethod
+    def input_weight(module: nn.Linear) -> nn.Parameter:
+        """The matrix whose columns multiply the input features."""
+        return module.weight
+
+    @staticmethod
+    def weight_matrices(module: nn.Linear) -> dict[str, nn.Parameter]:
+        """Weight matrices by state-dict suffix (biases left out)."""
+        return {"weight": module.weight}
+
+    @staticmethod
+    def max_rank(module: nn.Linear) -> int:
+        """The highest rank a factorization of it may have."""
+        return min(module.in_features, module.out_features)
+
+    @staticmethod
+    def flops(module: nn.Linear, tokens: int) -> int:
+        """Matrix-product FLOPs (2 x multiply-adds) on `tokens` input vectors."""
+        return 2 * tokens * module.in_features * module.out_features
+
+
+class LowRankKind:
+    """LowRankLinear: y = second(first(x)); the same interface as DenseKind."""
+
+    @staticmethod
+    def rows(module: LowRankLinear, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = {"first.weight": module.first.weight, "second.weight": module.second.weight[index]}
+        if module.second.bias is not None:
+            state["second.bias"] = module.second.bias[index]
+        return state
+
+    @staticmethod
+    def columns(module: LowRankLinear, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = {"first.weight": module.first.weight[:, index], "second.weight": module.second.weight}
+        if module.second.bias is not None:
+            state["second.bias"] = module.second.bias
+        return state
+
+    @staticmethod
+    def empty_like(module: LowRankLinear, in_features: int, out_features: int) -> LowRankLinear:
+        new = LowRankLinear(in_features, out_features, module.rank, bias=module.second.bias is not None)
+        return new.to(device=module.first.weight.device, dtype=module.first.weight.dtype)
+
+    @staticmethod
+    def dense_weight(module: LowRankLinear) -> torch.Tensor:
+        return (module.second.weight @ module.first.weight).detach()
+
+    @staticmethod
+    def output_bias(module: LowRankLinear) -> nn.Parameter | None:
+        return module.second.bias
+
+    @staticmethod
+    def input_weight(module: LowRankLinear) -> nn.Parameter:
+        return module.first.weight
+
+    @staticmethod
+    def weight_matrices(module: LowRankLinear) -> dict[str, nn.Parameter]:
+        return {"first.weight": module.first.weight, "second.weight": module.second.weight}
+
+    @staticmethod
+    def max_rank(module: LowRankLinear) -> int:
+        return module.rank  # re-factorizing never raises the rank
+
+    @staticmethod
+    def flops(module: LowRankLinear, tokens: int) -> int:
+        return 2 * tokens * module.rank * (module.in_features + module.out_features)
+
+
+# Linear-like module types and how to handle each (Torch-Pruning's per-module-type functions).
+MODULE_KINDS = {nn.Linear: DenseKind, LowRankLinear: LowRankKind}
+
+
+def kind_of(module: nn.Module):
+    """The MODULE_KINDS entry for a module (subclasses included), or None for any other module."""
+    for cls in type(module).__mro__:
+        if cls in MODULE_KINDS:
+            return MODULE_KINDS[cls]
+    return None
 
 
 class HeadlessAttention(nn.Module):
@@ -426,16 +543,9 @@ def install_head_selection(adapter: Adapter, layer: nn.Module, keep: list[int]) 
     attention.shrink_head_ids = list(keep)
 
 
-def _empty_linear_like(old: nn.Module, in_features: int, out_features: int) -> nn.Module:
-    """A module of `old`'s kind (Linear or LowRankLinear) with new in/out sizes, left for the caller
-    (or a checkpoint) to fill."""
-    device = next(old.parameters()).device
-    dtype = next(old.parameters()).dtype
-    if isinstance(old, LowRankLinear):
-        new = LowRankLinear(in_features, out_features, old.rank, bias=old.second.bias is not None)
-    else:
-        new = nn.Linear(in_features, out_features, bias=old.bias is not None)
-    return new.to(device=device, dtype=dtype)
+def resized(old: nn.Module, in_features: int, out_features: int) -> nn.Module:
+    """An empty module of `old`'s kind with new in/out sizes."""
+    return kind_of(old).empty_like(old, in_features, out_features)
 
 
 def headless_attention_for(adapter: Adapter, layer: nn.Module, hidden_size: int) -> HeadlessAttention:
@@ -470,9 +580,9 @@ def reshape_heads(adapter: Adapter, config, layer: nn.Module, keep: list[int]) -
     width = len(keep) * head_size
     for path in (adapter.query, adapter.key, adapter.value):
         old = get_module(layer, path)
-        set_module(layer, path, _empty_linear_like(old, old.in_features, width))
+        set_module(layer, path, resized(old, old.in_features, width))
     old = get_module(layer, adapter.attention_out)
-    set_module(layer, adapter.attention_out, _empty_linear_like(old, width, old.out_features))
+    set_module(layer, adapter.attention_out, resized(old, width, old.out_features))
     set_head_count(get_module(layer, adapter.self_attention), len(keep), head_size)
     install_head_selection(adapter, layer, keep)
 
@@ -485,8 +595,8 @@ def reshape_ffn(adapter: Adapter, config, layer: nn.Module, size: int) -> None:
             set_module(layer, path, module)
         return
     old_in, old_out = get_module(layer, adapter.ffn_in), get_module(layer, adapter.ffn_out)
-    set_module(layer, adapter.ffn_in, _empty_linear_like(old_in, old_in.in_features, size))
-    set_module(layer, adapter.ffn_out, _empty_linear_like(old_out, size, old_out.out_features))
+    set_module(layer, adapter.ffn_in, resized(old_in, old_in.in_features, size))
+    set_module(layer, adapter.ffn_out, resized(old_out, size, old_out.out_features))
 
 
 def remove_layers(adapter: Adapter, model: nn.Module, positions: list[int]) -> None:
@@ -513,6 +623,53 @@ def build_embedding(kind: str, spec: dict, old: nn.Embedding) -> nn.Module:
     return module.to(old.weight.device)
 
 
+# Manifest replay: one entry per op kind, each (adapter, model, manifest so far, op) -> None, giving
+# the model the op's shapes.
+
+
+def current_layer(adapter: Adapter, model: nn.Module, manifest: dict, original: int) -> nn.Module:
+    """The layer that was ORIGINAL layer `original`, given the ops replayed so far."""
+    layer_ids = kept_layer_ids(manifest, getattr(model.config, adapter.num_layers_attr))
+    return get_module(base_model(model), adapter.layers)[layer_ids.index(original)]
+
+
+def replay_heads(adapter: Adapter, model: nn.Module, manifest: dict, op: dict) -> None:
+    reshape_heads(adapter, model.config, current_layer(adapter, model, manifest, op["layer"]), list(op["keep"]))
+
+
+def replay_ffn(adapter: Adapter, model: nn.Module, manifest: dict, op: dict) -> None:
+    reshape_ffn(adapter, model.config, current_layer(adapter, model, manifest, op["layer"]), int(op["size"]))
+
+
+def replay_drop_layers(adapter: Adapter, model: nn.Module, manifest: dict, op: dict) -> None:
+    layer_ids = kept_layer_ids(manifest, getattr(model.config, adapter.num_layers_attr))
+    remove_layers(adapter, model, [layer_ids.index(i) for i in op["layers"]])
+
+
+def replay_low_rank(adapter: Adapter, model: nn.Module, manifest: dict, op: dict) -> None:
+    root, path = low_rank_target(adapter, model, manifest, op)
+    old = get_module(root, path)
+    kind = kind_of(old)  # a LowRankLinear already when it was re-factorized
+    if kind is None:
+        raise ValueError(f"low_rank op on {path!r}, a {type(old).__name__}, not a Linear")
+    new = LowRankLinear(old.in_features, old.out_features, int(op["rank"]), bias=kind.output_bias(old) is not None)
+    set_module(root, path, new.to(next(old.parameters()).device))
+
+
+def replay_embedding(adapter: Adapter, model: nn.Module, manifest: dict, op: dict) -> None:
+    base, path = base_model(model), adapter.word_embeddings
+    set_module(base, path, build_embedding(op["kind"], op.get("spec", {}), get_module(base, path)))
+
+
+REPLAY = {
+    "heads": replay_heads,
+    "ffn": replay_ffn,
+    "drop_layers": replay_drop_layers,
+    "low_rank": replay_low_rank,
+    "embedding": replay_embedding,
+}
+
+
 def apply_manifest(model: nn.Module, manifest: dict) -> None:
     """Replay every recorded op on a model built from the ORIGINAL config, giving it the slim shapes.
     Weights are not restored here; load the checkpoint afterwards, strictly."""
@@ -521,31 +678,13 @@ def apply_manifest(model: nn.Module, manifest: dict) -> None:
         raise ValueError(
             f"this checkpoint uses shrink manifest format {version}, newer than {MANIFEST_FORMAT_VERSION}"
         )
-    config = model.config
-    adapter = adapter_for(config)
+    adapter = adapter_for(model.config)
     if adapter is None:
-        raise ValueError(f"unsupported model_type {getattr(config, 'model_type', None)!r}")
-    num_layers = getattr(config, adapter.num_layers_attr)
+        raise ValueError(f"unsupported model_type {getattr(model.config, 'model_type', None)!r}")
     replayed = {"format_version": version, "ops": []}  # the manifest as of each op
     for op in manifest.get("ops", []):
-        layer_ids = kept_layer_ids(replayed, num_layers)
-        layers = get_module(base_model(model), adapter.layers)
-        kind = op["op"]
-        if kind == "heads":
-            reshape_heads(adapter, config, layers[layer_ids.index(op["layer"])], list(op["keep"]))
-        elif kind == "ffn":
-            reshape_ffn(adapter, config, layers[layer_ids.index(op["layer"])], int(op["size"]))
-        elif kind == "drop_layers":
-            remove_layers(adapter, model, [layer_ids.index(i) for i in op["layers"]])
-        elif kind == "low_rank":
-            root, path = low_rank_target(adapter, model, replayed, op)
-            old = get_module(root, path)
-            bias = old.second.bias if isinstance(old, LowRankLinear) else old.bias  # re-factorized: a pair already
-            new = LowRankLinear(old.in_features, old.out_features, int(op["rank"]), bias=bias is not None)
-            set_module(root, path, new.to(next(old.parameters()).device))
-        elif kind == "embedding":
-            path = adapter.word_embeddings
-            set_module(base_model(model), path, build_embedding(op["kind"], op.get("spec", {}), get_module(base_model(model), path)))
-        else:
-            raise ValueError(f"unknown manifest op {kind!r}")
+        replay = REPLAY.get(op["op"])
+        if replay is None:
+            raise ValueError(f"unknown manifest op {op['op']!r}")
+        replay(adapter, model, replayed, op)
         replayed["ops"].append(op)

@@ -6,6 +6,9 @@ An Objective compares a student with the frozen original (the teacher) on one ba
     per_sample(student, batch, targets) loss of each sample, shape [batch]
     __call__(student, batch, targets)   the mean
 
+Both come from model outputs (target_of, loss_of), so a SumObjective (several losses, each with a
+weight) runs the student and the teacher once each for all its parts.
+
 Every loss is per sample (never mixed across rows), so a batch repeated k times with per-sample
 gates gives k independent scores in one pass (shrink.methods.heads.scoring relies on this).
 
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 
 from shrink.arch import logits_of, model_inputs, task_head
 from shrink.errors import BadInputError
+from shrink.surgery import original_layer_ids
 from shrink.train.device import to_device
 
 KINDS = ("task", "logits_kl", "hidden_mse", "embedding_cosine")
@@ -36,10 +40,16 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
-def last_hidden(model, batch: dict) -> torch.Tensor:
-    if task_head(model) is None:
-        return model(**model_inputs(model, batch)).last_hidden_state
-    return model(**model_inputs(model, batch), output_hidden_states=True).hidden_states[-1]
+def forward(model, batch: dict, hidden: bool = False):
+    """One forward pass; hidden=True also returns every layer's hidden states."""
+    if hidden:
+        return model(**model_inputs(model, batch), output_hidden_states=True)
+    return model(**model_inputs(model, batch))
+
+
+def _last_hidden_of(model, output) -> torch.Tensor:
+    # a task head's output has no last_hidden_state, only the per-layer ones
+    return output.last_hidden_state if task_head(model) is None else output.hidden_states[-1]
 
 
 def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -49,16 +59,33 @@ def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class Objective:
+    """A loss is computed from model outputs (target_of: teacher output -> targets; loss_of: student
+    output -> per-sample loss), so a SumObjective runs each model once for all its parts."""
+
     name = "objective"
+    uses_teacher = True
 
     def __init__(self, teacher=None):
         self.teacher = teacher
 
-    def targets(self, batch: dict) -> dict:
+    def needs_hidden(self, model) -> bool:
+        """Whether the loss reads the model's per-layer hidden states (output_hidden_states=True)."""
+        return False
+
+    def target_of(self, output, batch: dict) -> dict:
         return {}
 
-    def per_sample(self, student, batch: dict, targets: dict) -> torch.Tensor:
+    def loss_of(self, student, output, batch: dict, targets: dict) -> torch.Tensor:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def targets(self, batch: dict) -> dict:
+        if not self.uses_teacher:
+            return {}
+        return self.target_of(forward(self.teacher, batch, self.needs_hidden(self.teacher)), batch)
+
+    def per_sample(self, student, batch: dict, targets: dict) -> torch.Tensor:
+        return self.loss_of(student, forward(student, batch, self.needs_hidden(student)), batch, targets)
 
     def __call__(self, student, batch: dict, targets: dict) -> torch.Tensor:
         return self.per_sample(student, batch, targets).mean()
@@ -69,9 +96,10 @@ class Objective:
 
 class TaskLoss(Objective):
     name = "task"
+    uses_teacher = False
 
-    def per_sample(self, student, batch, targets):
-        logits = student(**model_inputs(student, batch)).logits
+    def loss_of(self, student, output, batch, targets):
+        logits = output.logits
         labels = batch["labels"]
         if logits.shape[-1] == 1:  # regression head
             return (logits.squeeze(-1) - labels.to(logits.dtype)) ** 2
@@ -85,13 +113,12 @@ class LogitsKL(Objective):
         super().__init__(teacher)
         self.temperature = temperature
 
-    @torch.no_grad()
-    def targets(self, batch):
-        return {"logits": logits_of(self.teacher(**model_inputs(self.teacher, batch)))}
+    def target_of(self, output, batch):
+        return {"logits": logits_of(output)}
 
-    def per_sample(self, student, batch, targets):
+    def loss_of(self, student, output, batch, targets):
         t = self.temperature
-        student_logp = F.log_softmax(logits_of(student(**model_inputs(student, batch))) / t, dim=-1)
+        student_logp = F.log_softmax(logits_of(output) / t, dim=-1)
         teacher_logp = F.log_softmax(targets["logits"] / t, dim=-1)
         kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(dim=-1) * t * t
         if kl.dim() == 1:  # sequence classification: one distribution per sample
@@ -107,14 +134,14 @@ class HiddenMSE(Objective):
 
     name = "hidden_mse"
 
-    @torch.no_grad()
-    def targets(self, batch):
-        return {"hidden": self.teacher(**model_inputs(self.teacher, batch), output_hidden_states=True).hidden_states}
+    def needs_hidden(self, model):
+        return True
 
-    def per_sample(self, student, batch, targets):
-        from shrink.surgery import original_layer_ids
+    def target_of(self, output, batch):
+        return {"hidden": output.hidden_states}
 
-        hidden = student(**model_inputs(student, batch), output_hidden_states=True).hidden_states
+    def loss_of(self, student, output, batch, targets):
+        hidden = output.hidden_states
         # hidden_states[0] is the embedding output; [i + 1] is the output of layer i.
         pairs = [(0, 0)] + [(i + 1, orig + 1) for i, orig in enumerate(original_layer_ids(student))]
         mask = batch["attention_mask"]
@@ -125,28 +152,46 @@ class HiddenMSE(Objective):
 class EmbeddingCosine(Objective):
     name = "embedding_cosine"
 
-    @torch.no_grad()
-    def targets(self, batch):
-        return {"embedding": mean_pool(last_hidden(self.teacher, batch), batch["attention_mask"])}
+    def needs_hidden(self, model):
+        return task_head(model) is not None
 
-    def per_sample(self, student, batch, targets):
-        embedding = mean_pool(last_hidden(student, batch), batch["attention_mask"])
+    def target_of(self, output, batch):
+        return {"embedding": mean_pool(_last_hidden_of(self.teacher, output), batch["attention_mask"])}
+
+    def loss_of(self, student, output, batch, targets):
+        embedding = mean_pool(_last_hidden_of(student, output), batch["attention_mask"])
         return 1 - F.cosine_similarity(embedding, targets["embedding"], dim=-1)
 
 
 class SumObjective(Objective):
-    """Several objectives added (e.g. `loss: [logits_kl, hidden_mse]` in a recipe)."""
+    """Several objectives added, each times its weight (e.g. `loss: [logits_kl, hidden_mse]` in a
+    recipe): one student and one teacher forward pass serve every part."""
 
-    def __init__(self, parts: list[Objective]):
-        super().__init__(parts[0].teacher)
+    def __init__(self, parts: list[Objective], weights: list[float] | None = None):
+        super().__init__(next((p.teacher for p in parts if p.uses_teacher), parts[0].teacher))
         self.parts = parts
+        self.weights = list(weights) if weights is not None else [1.0] * len(parts)
         self.name = "+".join(p.name for p in parts)
+        self.uses_teacher = any(p.uses_teacher for p in parts)
 
+    def needs_hidden(self, model):
+        return any(p.needs_hidden(model) for p in self.parts)
+
+    def target_of(self, output, batch):
+        return {p.name: p.target_of(output, batch) if p.uses_teacher else {} for p in self.parts}
+
+    @torch.no_grad()
     def targets(self, batch):
-        return {p.name: p.targets(batch) for p in self.parts}
+        if not self.uses_teacher:
+            return {p.name: {} for p in self.parts}
+        return super().targets(batch)
 
-    def per_sample(self, student, batch, targets):
-        return sum(p.per_sample(student, batch, targets[p.name]) for p in self.parts)
+    def loss_of(self, student, output, batch, targets):
+        total = 0
+        for part, weight in zip(self.parts, self.weights):
+            loss = part.loss_of(student, output, batch, targets[part.name])
+            total = total + (loss if weight == 1 else weight * loss)  # weight 1 leaves the bits alone
+        return total
 
 
 def choose_objective(student, teacher, has_labels: bool, kind: str | None = None, temperature: float = 2.0) -> Objective:

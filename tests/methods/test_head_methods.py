@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from shrink import surgery
 from shrink.methods.base import Context
 from shrink.methods.catalog import get_method
 from shrink.train.objectives import choose_objective
@@ -35,13 +36,14 @@ def test_the_useless_head_goes_first(name, options):
     method = get_method(name)
     result = method.fn(context(), method.target(heads_count=1), method.options(**options))
     layer, head = USELESS
-    assert result.plan.heads == {layer: [h for h in range(4) if h != head]}
+    assert result.plan == [surgery.KeepHeads({layer: [h for h in range(4) if h != head]})]
 
 
 def test_a_star_stats_and_plan_size():
     method = get_method("heads.a_star")
     result = method.fn(context(), method.target(heads_fraction=0.5), method.options(max_evaluations=30))
-    kept = sum(len(v) for v in result.plan.heads.values()) + 4 * (3 - len(result.plan.heads))
+    [op] = result.plan
+    kept = sum(len(v) for v in op.keep.values()) + 4 * (3 - len(op.keep))
     assert kept == 6
     assert result.stats["heads_removed"] == 6 and result.stats["search_evaluations"] >= 1
     assert result.stats["loss_increase"] >= 0
@@ -52,7 +54,7 @@ def test_random_is_seeded():
     a = method.fn(context(seed=1), method.target(heads_count=5), method.options())
     b = method.fn(context(seed=1), method.target(heads_count=5), method.options())
     c = method.fn(context(seed=2), method.target(heads_count=5), method.options())
-    assert a.plan.heads == b.plan.heads != c.plan.heads
+    assert a.plan == b.plan != c.plan
 
 
 def test_count_target_validation():

@@ -20,7 +20,6 @@ from shrink.methods.l0.method import (
     train_gates,
 )
 from shrink.models.hub import load_model
-from shrink.prune.pipeline import apply_plan
 from shrink.surgery.gates import Gates
 
 from helpers import ARCHITECTURES, assert_exit, tiny_model, write_model_and_data
@@ -85,7 +84,7 @@ def test_surgery_equals_the_gated_model_at_deterministic_gates_and_reloads(model
         hooks.heads, hooks.ffn = head_values, ffn_values
         gated = out(model)
     plan = fold_gates(model, head_values, ffn_values)
-    apply_plan(model, plan)
+    surgery.apply(model, plan)
     assert surgery.heads_per_layer(model) == [int((h > 0).sum()) for h in head_values]
     assert surgery.ffn_per_layer(model) == [int((f > 0).sum()) for f in ffn_values]
     with torch.no_grad():
@@ -104,7 +103,7 @@ def test_a_sublayer_gate_removes_the_whole_sublayer():
         gates.ffn_layer_alpha[2].fill_(-10.0)
     heads, blocks, _ = gates.final_values(params_cost(model), 0.99)
     plan = fold_gates(model, heads, gates.expand(blocks))
-    apply_plan(model, plan)
+    surgery.apply(model, plan)
     assert surgery.heads_per_layer(model) == [4, 0, 4]
     assert surgery.ffn_per_layer(model) == [37, 37, 0]
 
@@ -176,3 +175,17 @@ def test_latency_table_is_measured_once_and_cached(monkeypatch, tmp_path):
     assert full >= table["p50_ms"]["full"] * (1 - 1e-9)  # the fit reproduces it (more only if noise clipped the base)
     _, again = latency_cost(model, seq_len=16, rounds=3)
     assert again["cached"] and again["coefficients_ms"] == table["coefficients_ms"]
+
+
+def test_l0_loss_is_the_shared_objectives_with_one_forward_pass():
+    from shrink.errors import BadInputError
+    from shrink.methods.l0.method import l0_objective
+
+    seq, base = tiny_model("bert", "seq"), tiny_model("bert")
+    options = L0Options(hidden_weight=0.25)
+    objective = l0_objective(seq, seq, ["task", "distill", "hidden_mse"], options)
+    assert objective.name == "task+logits_kl+hidden_mse" and objective.weights == [1.0, 1.0, 0.25]
+    assert l0_objective(base, base, ["distill", "hidden_mse"], options).name == "embedding_cosine+hidden_mse"
+    assert l0_objective(base, base, ["distill", "hidden_mse"], L0Options(hidden_weight=0)).name == "embedding_cosine"
+    with pytest.raises(BadInputError, match="no loss left"):
+        l0_objective(base, base, ["hidden_mse"], L0Options(hidden_weight=0))

@@ -174,7 +174,7 @@ def test_gradual_pruning_reaches_the_sparsity_and_reloads_exactly(tmp_path):
     step(ctx, "lowrank.svd", {"params_fraction": 0.6})
     result = step(ctx, "weights.magnitude", {"sparsity": 0.5}, max_steps=12, prune_every=2, lr=1e-3)
     stats = result.stats
-    weights = weight_pruning.prunable_weights(ctx.model)
+    weights = surgery.encoder_weights(ctx.model)
     for name, w in weights.items():
         assert int((w == 0).sum()) == round(0.5 * w.numel()), name  # per matrix, exactly
     assert stats["sparsity"] == 0.5 and stats["pruned_weights_nonzero"] == stats["pruned_weights"] // 2
@@ -190,7 +190,7 @@ def test_gradual_pruning_reaches_the_sparsity_and_reloads_exactly(tmp_path):
 def test_global_scope_prunes_the_total():
     ctx = context()
     step(ctx, "weights.magnitude", {"sparsity": 0.3}, max_steps=3, scope="global")
-    weights = weight_pruning.prunable_weights(ctx.model)
+    weights = surgery.encoder_weights(ctx.model)
     zeros = sum(int((w == 0).sum()) for w in weights.values())
     assert zeros == round(0.3 * sum(w.numel() for w in weights.values()))
 
@@ -198,10 +198,10 @@ def test_global_scope_prunes_the_total():
 def test_distill_after_pruning_keeps_the_zeros():
     ctx = context(task="seq")
     step(ctx, "weights.magnitude", {"sparsity": 0.5}, max_steps=3)
-    zeros_before = {n: (w == 0).clone() for n, w in weight_pruning.prunable_weights(ctx.model).items()}
-    before = {n: w.clone() for n, w in weight_pruning.prunable_weights(ctx.model).items()}
+    zeros_before = {n: (w == 0).clone() for n, w in surgery.encoder_weights(ctx.model).items()}
+    before = {n: w.clone() for n, w in surgery.encoder_weights(ctx.model).items()}
     step(ctx, "distill", {}, max_steps=4, lr=1e-2)
-    after = weight_pruning.prunable_weights(ctx.model)
+    after = surgery.encoder_weights(ctx.model)
     assert any(not torch.equal(before[n], w) for n, w in after.items())  # it did train
     for name, w in after.items():
         assert torch.equal(w == 0, zeros_before[name]), name  # the same weights are zero, no others

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from shrink.methods.base import Context, Plan, StepResult, register
+from shrink.methods.base import Context, StepResult, register
+from shrink.surgery import ReplaceEmbedding
 from shrink.methods.embedding.codes import TokenWeightOptions, calibration_token_weights, fit_rows, replaceable_word_embeddings, weighted_error
 
 
@@ -107,4 +108,4 @@ def embedding_binary(ctx: Context, target, options: BinaryOptions) -> StepResult
     stats["tokens_seen"] = int((counts > 0).sum())
     stats["bytes_before"] = old.weight.numel() * old.weight.element_size()
     stats["bytes_after"] = sum(t.numel() * t.element_size() for t in state.values())
-    return StepResult(plan=Plan(embedding=("binary", {"bits": options.bits}, state)), stats=stats)
+    return StepResult(plan=[ReplaceEmbedding("binary", {"bits": options.bits}, state)], stats=stats)

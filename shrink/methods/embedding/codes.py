@@ -41,7 +41,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from shrink.methods.base import Context, Plan, StepResult, Strict, register
+from shrink.methods.base import Context, StepResult, Strict, register
+from shrink.surgery import ReplaceEmbedding
 
 
 class TokenWeightOptions(Strict):
@@ -353,4 +354,4 @@ def embedding_codes(ctx: Context, target, options: CodesOptions) -> StepResult:
     stats["tokens_seen"] = int((counts > 0).sum())
     stats["bytes_before"] = old.weight.numel() * old.weight.element_size()
     stats["bytes_after"] = sum(t.numel() * t.element_size() for t in state.values())
-    return StepResult(plan=Plan(embedding=(kind, spec, state)), stats=stats)
+    return StepResult(plan=[ReplaceEmbedding(kind, spec, state)], stats=stats)

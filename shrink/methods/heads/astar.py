@@ -41,8 +41,9 @@ from pydantic import Field, model_validator
 
 from shrink.console import progress
 from shrink.errors import BadInputError
-from shrink.methods.base import Context, Plan, StepResult, Strict, register
+from shrink.methods.base import Context, StepResult, Strict, register
 from shrink.methods.heads.scoring import MaskScorer
+from shrink.surgery import KeepHeads
 
 
 class HeadsTarget(Strict):
@@ -257,4 +258,4 @@ def a_star(ctx: Context, target: HeadsTarget, options: AStarOptions) -> StepResu
         **scorer.stats(),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    return StepResult(plan=Plan(heads=keep), stats=stats)
+    return StepResult(plan=[KeepHeads(keep)] if keep else [], stats=stats)

@@ -16,8 +16,8 @@ from pydantic import Field, model_validator
 
 from shrink.errors import BadInputError
 from shrink.surgery.gates import Gates
-from shrink.methods.base import Context, Plan, StepResult, Strict, register
-from shrink.surgery import heads_per_layer
+from shrink.methods.base import Context, StepResult, Strict, register
+from shrink.surgery import KeepHeads, heads_per_layer
 
 
 class HeadsCountTarget(Strict):
@@ -49,14 +49,14 @@ class RandomOptions(Strict):
     seed: int | None = Field(None, description="defaults to the run's --seed")
 
 
-def plan_without(counts: list[int], removed: list[tuple[int, int]]) -> Plan:
+def plan_without(counts: list[int], removed: list[tuple[int, int]]) -> list:
     """Plan keeping every head except the (layer, head) pairs in `removed`."""
     keep = {}
     for layer, n in enumerate(counts):
         gone = {h for l, h in removed if l == layer}
         if gone:
             keep[layer] = [h for h in range(n) if h not in gone]
-    return Plan(heads=keep)
+    return [KeepHeads(keep)] if keep else []
 
 
 def gradient_importance(ctx: Context, batches: list[dict]) -> list[torch.Tensor]:

@@ -16,7 +16,8 @@ Training, jointly for the model weights theta, the gates' log_alpha and two mult
 
 loss = task loss (labels) + distillation from the original: logits KL (temperature T, a task head)
 or the mean-pooled embedding cosine (a base model, e.g. minilm; unlabeled data trains on this alone)
-+ hidden_weight * hidden-state MSE of every layer against the teacher layer it comes from.
++ hidden_weight * hidden-state MSE of every layer against the teacher layer it comes from (all from
+shrink.train.objectives, trained on the shared loop shrink.train.loop.train).
 
 Targets (exactly one): params_fraction (of the encoder layers' prunable parameters: attention
 projections and FFN weights; the embeddings are not pruned here and are left out), flops_fraction (of
@@ -39,17 +40,21 @@ exactly; a layer left with no heads keeps only LayerNorm(residual + output bias)
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from shrink.arch import task_head
 from shrink.errors import BadInputError
+from shrink.methods.base import Context, StepResult, Strict, register
 from shrink.methods.l0.hard_concrete import KINDS, L0Gates, LinearCost
-from shrink.methods.base import Context, Plan, StepResult, Strict, register
+from shrink.surgery import KeepFFN, KeepHeads, runtime
+from shrink.surgery.gates import Gates
+from shrink.surgery.ops import adapter_of, head_size, layers_of
+from shrink.train.loop import Hooks, total_steps, train
+from shrink.train.objectives import Objective, SumObjective, choose_objective
 
 Kind = Literal["heads", "ffn", "attention_layers", "ffn_layers"]
 LossKind = Literal["auto", "task", "distill", "hidden_mse"]
@@ -133,8 +138,6 @@ def _floor(gates: L0Gates, cost: LinearCost, kinds) -> float:
 
 
 def loss_terms(kinds, model, has_labels: bool) -> list[str]:
-    from shrink.arch import task_head
-
     head = task_head(model)
     terms = []
     for kind in kinds:
@@ -147,43 +150,20 @@ def loss_terms(kinds, model, has_labels: bool) -> list[str]:
     return terms
 
 
-def batch_loss(student, teacher, batch: dict, terms: list[str], hidden_weight: float, temperature: float) -> torch.Tensor:
-    """The training loss on one batch: one student and one teacher forward pass for all terms."""
-    from shrink.arch import logits_of, model_inputs, task_head
-    from shrink.train.objectives import mean_pool
-    from shrink.surgery import original_layer_ids
-
-    out = student(**model_inputs(student, batch), output_hidden_states=True)
-    with torch.no_grad():
-        ref = teacher(**model_inputs(teacher, batch), output_hidden_states=True)
-    mask = batch["attention_mask"]
-    head = task_head(student)
-    total = torch.zeros((), device=mask.device)
-    if "task" in terms:
-        logits, labels = out.logits, batch["labels"]
-        if logits.shape[-1] == 1:
-            total = total + ((logits.squeeze(-1) - labels.to(logits.dtype)) ** 2).mean()
-        else:
-            total = total + F.cross_entropy(logits, labels.long())
-    if "distill" in terms:
-        if head is None:
-            a, b = mean_pool(out.hidden_states[-1], mask), mean_pool(ref.hidden_states[-1], mask)
-            total = total + (1 - F.cosine_similarity(a, b, dim=-1)).mean()
-        else:
-            t = temperature
-            s_logp = F.log_softmax(logits_of(out) / t, dim=-1)
-            t_logp = F.log_softmax(logits_of(ref) / t, dim=-1)
-            kl = (t_logp.exp() * (t_logp - s_logp)).sum(dim=-1) * t * t
-            if kl.dim() > 1 and head != "qa":  # a distribution per token
-                m = mask.to(kl.dtype)
-                kl = (kl * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
-            total = total + kl.mean()
-    if "hidden_mse" in terms and hidden_weight > 0:
-        pairs = [(0, 0)] + [(i + 1, orig + 1) for i, orig in enumerate(original_layer_ids(student))]
-        m = mask.unsqueeze(-1).to(out.hidden_states[0].dtype)
-        mse = [(((out.hidden_states[s] - ref.hidden_states[t]) ** 2) * m).sum() / (m.sum() * out.hidden_states[s].shape[-1]) for s, t in pairs]
-        total = total + hidden_weight * torch.stack(mse).mean()
-    return total
+def l0_objective(model, teacher, terms: list[str], options: L0Options) -> Objective:
+    """The training loss of `terms` from shrink.train.objectives, one forward pass per model for all:
+    "distill" is the logits KL with a task head, the mean-pooled embedding cosine without one."""
+    distill = "logits_kl" if task_head(model) is not None else "embedding_cosine"
+    parts, weights = [], []
+    for term in terms:
+        if term == "hidden_mse" and options.hidden_weight == 0:
+            continue
+        kind = {"distill": distill}.get(term, term)
+        parts.append(choose_objective(model, teacher, term == "task", kind, options.temperature))
+        weights.append(options.hidden_weight if term == "hidden_mse" else 1.0)
+    if not parts:
+        raise BadInputError("l0: no loss left to train on (hidden_weight 0 and loss [hidden_mse])", hint="add distill or task to loss")
+    return SumObjective(parts, weights)
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -198,22 +178,14 @@ def _word_embeddings(model):
 
 def train_gates(model, teacher, batches: list[dict], gates: L0Gates, cost: LinearCost, target: float,
                 options: L0Options, terms: list[str], seed: int = 0, progress: bool = True) -> dict:
-    """Joint training of weights, gates and multipliers (see the module docstring). Returns the history."""
-    from shrink.console import progress as progress_bar
-    from shrink.train.loop import _batch_order, _schedule
-    from shrink.surgery.gates import Gates
-
-    torch.manual_seed(seed)
-    steps = max(1, math.ceil(options.epochs * len(batches)))
-    if options.max_steps is not None:
-        steps = min(steps, options.max_steps)
+    """Joint training of weights, gates and multipliers (see the module docstring) on the shared loop:
+    gates sampled before each forward pass, the Lagrangian as an extra loss, the gates' and the
+    multipliers' optimizers stepped with the weights'. Returns the history."""
+    steps = total_steps(len(batches), options.epochs, max_steps=options.max_steps)
     # frozen for the run (no gradient computed at all), restored afterwards
     frozen = [] if options.train_embeddings else [p for p in _word_embeddings(model).parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    weights = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(weights, lr=options.lr, foreach=True)
-    schedule = _schedule(optimizer, steps, 0.1)
     gate_optimizer = torch.optim.Adam(gates.learned(), lr=options.gate_lr, foreach=True)
     multipliers = torch.zeros(2, requires_grad=True)
     lambda_optimizer = torch.optim.Adam([multipliers], lr=options.lambda_lr, maximize=True)
@@ -223,33 +195,38 @@ def train_gates(model, teacher, batches: list[dict], gates: L0Gates, cost: Linea
     warm = max(1, int(options.target_warmup * steps))
     history = {"steps": steps, "start_fraction": round(start, 4), "log": []}
     every = max(1, steps // 20)
-    order = _batch_order(len(batches), steps, seed)
-    model.train()
+    device = next(model.parameters()).device
     hooks = Gates(model)
+    now = {}  # this step's annealed target and expected fraction, for the log and the progress bar
+
+    def sample(step: int) -> None:
+        now["target"] = target + (start - target) * max(0.0, 1 - step / warm)  # annealed target
+        hooks.heads, hooks.ffn = gates.values("sample")
+
+    def lagrangian(step: int) -> torch.Tensor:
+        fraction = gates.expected_cost(cost) / full
+        gap = fraction - now["target"]  # on the CPU, with the gates
+        now["fraction"] = fraction.item()
+        return (multipliers[0] * gap + multipliers[1] * gap**2).to(device)
+
+    def log(done: int, total: int, loss: float) -> None:
+        step = done - 1
+        if step % every == 0 or step == steps - 1:
+            history["log"].append({
+                "step": step, "loss": round(loss, 5), "expected_fraction": round(now["fraction"], 4),
+                "target": round(now["target"], 4), "lambda1": round(multipliers[0].item(), 4), "lambda2": round(multipliers[1].item(), 4),
+            })
+
+    def status(loss: float) -> str:
+        return f"loss {loss:.4f}, expected {now['fraction']:.3f} -> {now['target']:.3f}"
+
     try:
-        with progress_bar() as bar:
-            task = bar.add_task("l0 gates", total=steps, status="", visible=progress)
-            for step, index in enumerate(order):
-                t = target + (start - target) * max(0.0, 1 - step / warm)  # annealed target
-                heads, ffn = gates.values("sample")
-                hooks.heads, hooks.ffn = heads, ffn
-                loss = batch_loss(model, teacher, batches[index], terms, options.hidden_weight, options.temperature)
-                fraction = gates.expected_cost(cost) / full
-                gap = fraction - t  # on the CPU, with the gates
-                lagrangian = multipliers[0] * gap + multipliers[1] * gap**2
-                (loss + lagrangian.to(loss.device)).backward()
-                torch.nn.utils.clip_grad_norm_(weights, options.grad_clip)
-                optimizer.step(), gate_optimizer.step(), lambda_optimizer.step(), schedule.step()
-                optimizer.zero_grad(set_to_none=True), gate_optimizer.zero_grad(set_to_none=True)
-                lambda_optimizer.zero_grad(set_to_none=True)
-                fraction = fraction.item()
-                status = f"loss {loss.item():.4f}, expected {fraction:.3f} -> {t:.3f}"
-                bar.update(task, advance=1, status=status)
-                if step % every == 0 or step == steps - 1:
-                    history["log"].append({
-                        "step": step, "loss": round(loss.item(), 5), "expected_fraction": round(float(fraction), 4),
-                        "target": round(t, 4), "lambda1": round(multipliers[0].item(), 4), "lambda2": round(multipliers[1].item(), 4),
-                    })
+        train(
+            model, batches, l0_objective(model, teacher, terms, options), max_steps=steps, epochs=options.epochs,
+            lr=options.lr, warmup=0.1, grad_clip=options.grad_clip, seed=seed, foreach=True,
+            extra_optimizers=[gate_optimizer, lambda_optimizer], progress=progress, label="l0 gates",
+            hooks=Hooks(before_step=sample, extra_loss=lagrangian, after_step=[log], status=status),
+        )
     finally:
         hooks.remove()
         model.eval()
@@ -264,12 +241,9 @@ def train_gates(model, teacher, batches: list[dict], gates: L0Gates, cost: Linea
 
 
 @torch.no_grad()
-def fold_gates(model, heads: list[torch.Tensor | None], ffn: list[torch.Tensor | None]) -> Plan:
+def fold_gates(model, heads: list[torch.Tensor | None], ffn: list[torch.Tensor | None]) -> list:
     """Multiply the kept units' gate values into the weights and return the plan removing the zeros.
     After shrink.surgery applies the plan the model equals the gated one exactly."""
-    from shrink.surgery import runtime
-    from shrink.surgery.ops import adapter_of, head_size, layers_of
-
     adapter, size = adapter_of(model), head_size(model)
     keep_heads, keep_ffn = {}, {}
     for i, layer in enumerate(layers_of(model)):
@@ -277,12 +251,12 @@ def fold_gates(model, heads: list[torch.Tensor | None], ffn: list[torch.Tensor |
             if gate is None or not gate.numel():
                 continue
             linear = runtime.get_module(layer, path)
-            weight = linear.first.weight if isinstance(linear, runtime.LowRankLinear) else linear.weight
+            weight = runtime.kind_of(linear).input_weight(linear)  # its columns are the heads' / neurons' outputs
             weight.mul_(gate.to(weight).repeat_interleave(unit)[None, :])
             kept = [j for j in range(gate.numel()) if gate[j] > 0]
             if len(kept) < gate.numel():
                 keep[i] = kept
-    return Plan(heads=keep_heads or None, ffn=keep_ffn or None)
+    return ([KeepHeads(keep_heads)] if keep_heads else []) + ([KeepFFN(keep_ffn)] if keep_ffn else [])
 
 
 def _counts(heads, ffn) -> tuple[list[int], list[int]]:
