@@ -1,0 +1,103 @@
+"""Whole-layer removal (method `layers.drop`, recipe `layer-drop`): the trivial baseline every
+finer-grained method must beat, and often a strong one.
+
+Which layers go:
+- `top`: the top-most layers (Sajjad et al. 2023, "On the effect of dropping layers of pre-trained
+  transformer models", the "poor man's BERT": top-layer dropping is the best of their simple strategies).
+- `importance`: greedy by measured damage. Each round bypasses, one at a time, every layer still
+  present (a layer gate of 0 passes the residual stream through, exactly what removal does) and
+  removes the one whose bypass raises the calibration objective least, measured exactly on the
+  calibration subset; then the next round starts from the model without it.
+
+The plan is one DropLayers op; recovery is the `distill` step that follows in the recipe.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from shrink.console import progress
+from shrink.errors import BadInputError
+from shrink.methods.base import Context, StepResult, Strict, register
+from shrink.surgery import layers_of
+from shrink.surgery.gates import Gates
+from shrink.surgery.plan import DropLayers
+
+
+class LayersTarget(Strict):
+    layers_count: int | None = Field(None, ge=1, description="number of layers to remove")
+    layers_fraction: float | None = Field(None, gt=0, lt=1, description="fraction of the layers to remove")
+
+    @model_validator(mode="after")
+    def exactly_one(self):
+        if (self.layers_count is None) == (self.layers_fraction is None):
+            raise ValueError("give exactly one of layers_count, layers_fraction")
+        return self
+
+    def count(self, total: int) -> int:
+        count = self.layers_count if self.layers_count is not None else round(self.layers_fraction * total)
+        if count >= total:
+            raise BadInputError(f"removing {count} of the model's {total} layers would leave none", hint="keep at least one layer")
+        return max(1, count)
+
+
+class LayerDropOptions(Strict):
+    strategy: Literal["top", "importance"] = Field("top", description="top: the top-most layers; importance: greedy, least measured damage first")
+    calibration_samples: int = Field(64, ge=1, description="examples the importance strategy scores on")
+    max_length: int = Field(64, ge=8, description="tokens per scored example")
+    batch_size: int = Field(32, ge=1)
+
+
+@torch.no_grad()
+def bypass_losses(ctx: Context, batches: list[dict], present: list[int], total: int) -> dict[int, float]:
+    """Mean objective with each layer in `present` bypassed (the others in `present` kept, the rest
+    already bypassed), one layer at a time."""
+    losses = {}
+    targets = [ctx.objective.targets(batch) for batch in batches]
+    with Gates(ctx.model) as gates:
+        for layer in present:
+            gate = torch.zeros(total)
+            gate[[i for i in present if i != layer]] = 1.0
+            gates.layers = gate
+            scored = [ctx.objective.per_sample(ctx.model, b, t) for b, t in zip(batches, targets)]
+            losses[layer] = float(torch.cat(scored).mean())
+    return losses
+
+
+def greedy_by_importance(ctx: Context, count: int, options: LayerDropOptions) -> tuple[list[int], list[dict]]:
+    """Layers (current positions) to remove, chosen greedily; and the loss after each removal."""
+    batches = ctx.calibration_batches(options.calibration_samples, options.max_length, options.batch_size)
+    total = len(layers_of(ctx.model))
+    present, removed, rounds = list(range(total)), [], []
+    was_training = ctx.model.training
+    ctx.model.eval()
+    with progress() as bar:
+        task = bar.add_task("layers.drop", total=count, status="")
+        for _ in range(count):
+            losses = bypass_losses(ctx, batches, present, total)
+            best = min(losses, key=losses.get)
+            present.remove(best)
+            removed.append(best)
+            rounds.append({"removed": best, "loss": round(losses[best], 6)})
+            bar.update(task, advance=1, status=f"layer {best}, loss {losses[best]:.4f}")
+    ctx.model.train(was_training)
+    return sorted(removed), rounds
+
+
+@register("layers.drop", options=LayerDropOptions, target=LayersTarget,
+          smoke={"target": {"layers_count": 1}, "options": {"strategy": "importance", "calibration_samples": 4, "max_length": 16}})
+def drop_layers(ctx: Context, target: LayersTarget, options: LayerDropOptions) -> StepResult:
+    """Remove whole layers: the top ones, or greedily the least important (then distill)."""
+    total = len(layers_of(ctx.model))
+    count = target.count(total)
+    if options.strategy == "top":
+        positions, rounds = list(range(total - count, total)), []
+    else:
+        positions, rounds = greedy_by_importance(ctx, count, options)
+    return StepResult(
+        plan=[DropLayers(positions)],
+        stats={"strategy": options.strategy, "removed_layers": positions, "rounds": rounds},
+    )

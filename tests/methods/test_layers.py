@@ -1,0 +1,88 @@
+"""layers.drop: top-layer dropping and greedy removal by measured damage, checked against physical removal."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModel
+from typer.testing import CliRunner
+
+from shrink import surgery
+from shrink.cli import app
+from shrink.errors import BadInputError
+from shrink.methods.base import Context
+from shrink.methods.catalog import get_method
+from shrink.prune.pipeline import run_step
+from shrink.train.objectives import choose_objective, objective_loss
+
+from helpers import tiny_config, tiny_inputs, write_model_and_data
+
+
+def context(arch="bert", layers=4):
+    """A tiny model with `layers` layers (four make the greedy order meaningful)."""
+    torch.manual_seed(0)
+    depth = {"n_layers": layers} if arch == "distilbert" else {"num_hidden_layers": layers}
+    model = AutoModel.from_config(tiny_config(arch, **depth)).eval()
+    teacher = copy.deepcopy(model)
+    batches = [tiny_inputs(model, batch=4, length=10, seed=s) for s in range(2)]
+    return Context(
+        model=model, teacher=teacher, tokenizer=None, calibration=batches,
+        calibration_batches=lambda n, length, size: batches, evaluation=[],
+        objective=choose_objective(model, teacher, has_labels=False), has_labels=False,
+    )
+
+
+def step(ctx, target, **options):
+    method = get_method("layers.drop")
+    result, _ = run_step(ctx, method, method.options(**options), method.target(**target))
+    return result
+
+
+def test_top_strategy_drops_the_top_layers():
+    ctx = context(layers=4)
+    result = step(ctx, {"layers_count": 2}, strategy="top")
+    assert result.stats["removed_layers"] == [2, 3]
+    assert surgery.original_layer_ids(ctx.model) == [0, 1]
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_importance_is_greedy_by_the_loss_of_physical_removal(arch):
+    ctx = context(arch, layers=4)
+    batches, teacher = ctx.calibration, ctx.teacher
+    # the reference: greedy with physical removal (surgery), two rounds
+    model, present, expected = copy.deepcopy(ctx.model), [0, 1, 2, 3], []
+    for _ in range(2):
+        losses = {}
+        for layer in present:
+            trial = copy.deepcopy(model)
+            surgery.drop_layers(trial, [present.index(layer)])
+            losses[layer] = objective_loss(trial, choose_objective(trial, teacher, False), batches)
+        best = min(losses, key=losses.get)
+        surgery.drop_layers(model, [present.index(best)])
+        present.remove(best)
+        expected.append((best, losses[best]))
+    result = step(ctx, {"layers_count": 2}, strategy="importance")
+    assert [r["removed"] for r in result.stats["rounds"]] == [layer for layer, _ in expected]
+    for got, (_, loss) in zip(result.stats["rounds"], expected):
+        assert got["loss"] == pytest.approx(loss, abs=1e-5)  # a zero layer gate is exactly removal
+    assert surgery.original_layer_ids(ctx.model) == present
+
+
+def test_removing_every_layer_is_refused():
+    with pytest.raises(BadInputError, match="leave none"):
+        step(context(layers=3), {"layers_count": 3})
+
+
+def test_layer_drop_recipe_end_to_end(tmp_path):
+    root = write_model_and_data(tmp_path)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "prune", str(root / "model"), "--recipe", "layer-drop", "--data", str(root / "data.txt"), "-o", str(out),
+        "--set", "steps.1.options.max_steps=2", "--max-samples", "16", "--eval-samples", "8", "--max-length", "32", "--no-export",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert (report["before"]["num_layers"], report["after"]["num_layers"]) == (3, 1)  # round(0.5 * 3) = 2 go
