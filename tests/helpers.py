@@ -140,3 +140,35 @@ def sharp(model, factor: float = 8.0):
             if p.dim() == 2 and "embed" not in name:
                 p.mul_(factor)
     return model
+
+
+def shrink_process(*args, cwd=None):
+    """`shrink ARGS` as a real subprocess (for races and signals), offline, one thread."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, "-c", "from shrink.cli import main; main()", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+    )
+
+
+def method_context(model, batches=None, evaluation=(), seed: int = 0):
+    """A shrink.methods.base.Context on a tiny model: a frozen copy as teacher, unlabeled batches
+    (default: three of 4 x 10 tokens), the objective shrink prune would pick."""
+    import copy
+
+    from shrink.methods.base import Context
+    from shrink.train.objectives import choose_objective
+
+    teacher = copy.deepcopy(model)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    batches = batches if batches is not None else [tiny_inputs(model, batch=4, length=10, seed=s) for s in range(3)]
+    return Context(
+        model=model, teacher=teacher, tokenizer=None, calibration=batches,
+        calibration_batches=lambda n, length, size: batches, evaluation=list(evaluation),
+        objective=choose_objective(model, teacher, has_labels=False), has_labels=False, seed=seed,
+    )

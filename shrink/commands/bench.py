@@ -35,8 +35,8 @@ def register(app: typer.Typer) -> None:
         """Benchmark models side by side: interleaved rounds, p50/p90/p99, ratios to the first model."""
         from shrink.commands import cli_errors
 
-        with cli_errors():
-            from shrink.measure.bench.run import bench as run_bench
+        with cli_errors(json_output):
+            from shrink.measure.bench import bench as run_bench
             from shrink.errors import BadInputError
             from shrink.measure.thresholds import bench_failures, raise_on_failures
             from shrink.measure.bench.render import show, to_markdown

@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         """Measure a model on data: accuracy/macro-F1 or Spearman, and fidelity to a teacher."""
         from shrink.commands import cli_errors
 
-        with cli_errors():
+        with cli_errors(json_output):
             from shrink.data.examples import read_examples, split_examples
             from shrink.measure.evaluate import batches_for, evaluate, runner_for
 
@@ -90,9 +90,15 @@ def _default_teacher(model: str) -> str | None:
         directory = resolve(model)
         if not is_local(directory):
             return None
-    source = (read_config_dict(directory).get("shrink") or {}).get("source")
+    config = read_config_dict(directory)
+    manifest = config.get("shrink") if isinstance(config, dict) else None
+    source = manifest.get("source") if isinstance(manifest, dict) else None
+    if not isinstance(source, str):
+        return None
     if source:
-        note(f"teacher: {source} (the source of this slim checkpoint; --teacher to change)")
+        from rich.markup import escape
+
+        note(f"teacher: {escape(source)} (the source of this slim checkpoint; --teacher to change)")
     return source
 
 
@@ -128,8 +134,10 @@ def _format(value) -> str:
 def show(document: dict) -> None:
     from rich.table import Table
 
-    teacher = f"  teacher: {document['teacher']}" if document["teacher"] else ""
-    out.print(f"[bold]{document['model']}[/bold]  on {document['data']}  ({document['samples']} examples){teacher}")
+    from rich.markup import escape
+
+    teacher = f"  teacher: {escape(document['teacher'])}" if document["teacher"] else ""
+    out.print(f"[bold]{escape(document['model'])}[/bold]  on {escape(document['data'])}  ({document['samples']} examples){teacher}")
     table = Table(show_edge=False)
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -26,16 +26,24 @@ def register(app: typer.Typer) -> None:
         """Export to ONNX (dynamic batch/sequence) and check it against torch."""
         from shrink.commands import cli_errors
 
-        with cli_errors():
+        with cli_errors(json_output):
             from shrink.errors import BadInputError
-            from shrink.measure.export import export_onnx
+            from shrink.measure.export import check_opset, export_onnx
             from shrink.models.hub import display_name, load_model, load_tokenizer, resolve
+            from shrink.models.slim import check_writable
 
             target = output or Path(f"{display_name(model)}{'-int8' if int8 else ''}.onnx")
             if target.suffix != ".onnx":
                 raise BadInputError(f"-o {target}: the output file must end in .onnx")
-            if target.exists() and not overwrite:
-                raise BadInputError(f"{target} exists", hint="pass --overwrite or choose another -o")
+            check_opset(opset)
+            try:
+                if target.exists() and not overwrite:
+                    raise BadInputError(f"{target} exists", hint="pass --overwrite or choose another -o")
+                if target.is_dir():
+                    raise BadInputError(f"{target} is a directory", hint="-o names the .onnx file to write")
+            except OSError as exc:  # e.g. a name too long for the file system
+                raise BadInputError(f"cannot write to {target}: {exc.strerror or exc}", hint="choose another -o") from None
+            check_writable(target)  # before any work: unwritable, read-only, /proc
             source = Path(resolve(model))
             if source.is_dir() and target.resolve().parent == source.resolve() and target.name in {p.name for p in source.iterdir()} and not overwrite:
                 raise BadInputError(f"refusing to write over {target} in the input directory")
@@ -53,7 +61,9 @@ def register(app: typer.Typer) -> None:
             if json_output:
                 print_json(report)
                 return
-            out.print(f"wrote [bold]{report['path']}[/bold] ({report['size_bytes'] / 2**20:.1f} MiB, {report['seconds']} s)")
+            from rich.markup import escape
+
+            out.print(f"wrote [bold]{escape(report['path'])}[/bold] ({report['size_bytes'] / 2**20:.1f} MiB, {report['seconds']} s)")
             out.print(f"inputs {', '.join(report['inputs'])} -> outputs {', '.join(report['outputs'])}, opset {opset}")
             worst = max(report["max_abs_diff"].values())
             out.print(f"parity with torch: max abs diff {worst:.2e} over {len(report['max_abs_diff'])} input sets (tolerance {atol})")

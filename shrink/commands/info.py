@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         """Show a model's structure: layers, heads and FFN size per layer, parameters by component."""
         from shrink.commands import cli_errors
 
-        with cli_errors():
+        with cli_errors(json_output):
             from shrink.models.hub import load_model, resolve
             from shrink.models.info import describe
 
@@ -38,7 +38,9 @@ def show(summary: dict) -> None:
     from rich.table import Table
 
     head = summary["task_head"] or "none (base model)"
-    out.print(f"[bold]{summary['model']}[/bold]  {summary['model_type']}  task head: {head}")
+    from rich.markup import escape
+
+    out.print(f"[bold]{escape(summary['model'])}[/bold]  {summary['model_type']}  task head: {head}")
     out.print(
         f"hidden {summary['hidden_size']}, head size {summary['head_size']}, vocab {summary['vocab_size']}, "
         f"max positions {summary['max_positions']}"

@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         """Apply recipes and write a slim checkpoint, model.onnx and a before/after report."""
         from shrink.commands import cli_errors
 
-        with cli_errors():
+        with cli_errors(json_output):
             from shrink.errors import BadInputError
             from shrink.measure.thresholds import prune_failures, raise_on_failures
             from shrink.prune.pipeline import PruneSettings

@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         """List the built-in recipes, or show one recipe's steps with options and defaults."""
         from shrink.commands import cli_errors
 
-        with cli_errors():
+        with cli_errors(json_output):
             if name is not None:
                 detail = describe_recipe(name)
                 print_json(detail) if json_output else show_recipe(detail)

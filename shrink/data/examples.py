@@ -105,16 +105,21 @@ def _from_lines(text: str, source: str) -> Examples:
 
 
 def _csv_rows(text: str, source: str, delimiter: str) -> list[dict]:
+    # Long fields are fine (tokenization truncates them); the csv module's default limit of 128 KiB
+    # per field would refuse a long document. The whole file is in memory already.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     rows = []
     try:
         for row in reader:
             if None in row:  # DictReader files extra fields under None
-                raise BadInputError(f"{source}: line {reader.line_num} has more fields than the header names")
+                raise BadInputError(f"{source}: line {reader.reader.line_num} has more fields than the header names")
             if any((v or "").strip() for v in row.values()):
                 rows.append(row)
     except csv.Error as exc:
-        raise BadInputError(f"{source} is not valid CSV on line {reader.line_num}: {exc}") from None
+        # reader.reader counts the lines read so far, the one with the problem included
+        # (DictReader.line_num is only updated after a whole row)
+        raise BadInputError(f"{source} is not valid CSV on line {reader.reader.line_num}: {exc}") from None
     if not reader.fieldnames:
         raise BadInputError(f"{source} is empty: no header and no rows", hint="the first line names the columns")
     return rows or [dict.fromkeys(reader.fieldnames)]  # header only: keep the column names for messages

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from shrink.errors import BadInputError
+from shrink.measure.onnx_session import session
 
 # --- runners: one call per batch, the same answers from torch and ONNX -------------------------
 
@@ -52,15 +53,10 @@ class OnnxRunner:
     output named `logits` (task heads) or `last_hidden_state` (base models)."""
 
     def __init__(self, path: str | Path):
-        import onnxruntime as ort
-
         path = Path(path)
         if not path.is_file():
             raise BadInputError(f"ONNX file {path} does not exist")
-        try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise BadInputError(f"cannot load {path} with onnxruntime: {str(exc).splitlines()[0][:200]}") from None
+        self.session = session(path, threads=None)  # evaluation: throughput, all cores
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.config = _sibling_config(path)  # for label names: export writes model.onnx beside config.json
         outputs = [o.name for o in self.session.get_outputs()]
@@ -86,13 +82,24 @@ def _sibling_config(path: Path):
     config_file = path.parent / "config.json"
     if not config_file.is_file():
         return None  # then labels must be class ids
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    id2label = config.get("id2label") or {}
-    return SimpleNamespace(
-        label2id=config.get("label2id") or {v: int(k) for k, v in id2label.items()},
-        num_labels=config.get("num_labels") or len(id2label),
-        problem_type=config.get("problem_type"),
-    )
+    from shrink.errors import CorruptCheckpointError
+
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("it is not a JSON object")
+        id2label = config.get("id2label") or {}
+        label2id = config.get("label2id") or {v: int(k) for k, v in id2label.items()}
+        num_labels = config.get("num_labels") or len(id2label)
+        if not isinstance(label2id, dict) or not isinstance(num_labels, int):
+            raise ValueError("label2id / num_labels have the wrong types")
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CorruptCheckpointError(
+            f"cannot read {config_file} (beside {path.name}, for its label names): {reason}",
+            hint="fix or remove that config.json",
+        ) from None
+    return SimpleNamespace(label2id=label2id, num_labels=num_labels, problem_type=config.get("problem_type"))
 
 
 def runner_for(model_or_path):

@@ -15,7 +15,7 @@ embeddings_project) run on all s tokens; the pooler and a sequence-classificatio
 first token; token-level heads (token classification, QA, masked LM) run on all s tokens.
 
 An ONNX file has no such walk: ONNX shape inference cannot recover the per-layer head counts through
-the exported Reshape chains, so shrink.measure.bench.run reports FLOPs of an .onnx file only when the checkpoint
+the exported Reshape chains, so shrink.measure.bench reports FLOPs of an .onnx file only when the checkpoint
 it came from sits beside it (config.json in the same directory), and null otherwise.
 """
 

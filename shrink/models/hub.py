@@ -76,9 +76,13 @@ def is_local(resolved: str) -> bool:
 def read_config_dict(resolved: str) -> dict:
     """config.json as a dict, for local models (cheap, no transformers import)."""
     try:
-        return json.loads((Path(resolved) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"cannot read {resolved}/config.json: {exc}") from None
+        config = json.loads((Path(resolved) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CorruptCheckpointError(f"cannot read {resolved}/config.json: {reason}") from None
+    if not isinstance(config, dict):
+        raise CorruptCheckpointError(f"cannot read {resolved}/config.json: it is not a JSON object")
+    return config
 
 
 def _hub_error(ref: str, resolved: str, exc: Exception) -> ModelNotFoundError:
@@ -125,18 +129,63 @@ def load_model(ref: str, device: str = "cpu"):
         model = load_slim(resolved, config=config)
     else:
         cls = model_class(config)
+        pickled = pickle_only_weights(resolved) if is_local(resolved) else None
         try:
             model, info = cls.from_pretrained(resolved, config=config, dtype=torch.float32, output_loading_info=True)
         except Exception as exc:
+            if pickled and _refused_pickle(exc):
+                raise _unsafe_pickle_error(resolved, pickled, exc) from None
             if is_local(resolved):
                 raise CorruptCheckpointError(
                     f"cannot load the weights of {ref}: {str(exc).splitlines()[0][:200]}"
                 ) from None
             raise _hub_error(ref, resolved, exc) from None
+        if pickled:
+            from shrink.console import note
+
+            note(
+                f"note: {ref} keeps its weights as a pickle ({pickled}); loaded weights-only (tensors, no code). "
+                f"Prefer safetensors: {_convert_command(resolved, type(model).__name__)}"
+            )
         if info.get("missing_keys"):
             missing = sorted(info["missing_keys"])
             print(f"note: {len(missing)} weights were not in {ref} and start untrained: {', '.join(missing[:4])}", file=sys.stderr)
     return model.to(device).eval()
+
+
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def pickle_only_weights(directory: str) -> str | None:
+    """The pickle weights file of a local model that has no safetensors, else None."""
+    names = {p.name for p in Path(directory).iterdir()}
+    if any(name.endswith(".safetensors") or name == "model.safetensors.index.json" for name in names):
+        return None
+    return next((name for name in PICKLE_WEIGHTS if name in names), None)
+
+
+def _refused_pickle(exc: Exception) -> bool:
+    import pickle
+
+    return isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc)
+
+
+def _convert_command(directory: str, class_name: str) -> str:
+    return f"python -c \"import transformers as t; t.{class_name}.from_pretrained('{directory}').save_pretrained('{directory}')\""
+
+
+def _unsafe_pickle_error(directory: str, name: str, exc: Exception) -> CorruptCheckpointError:
+    """torch's own text suggests weights_only=False, which would run the pickle's code: say
+    plainly what the file is and how to get safetensors instead."""
+    import re
+
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    what = f" (it references {found.group(1)})" if found else ""
+    return CorruptCheckpointError(
+        f"{Path(directory) / name} is a pickle that holds more than tensors{what}, so it is not loaded",
+        hint="get the model as safetensors; only if you trust its source, convert it in a sandbox: load it there with "
+        "torch.load(..., weights_only=False) and write the tensors with safetensors.torch.save_file to model.safetensors",
+    )
 
 
 def load_tokenizer(ref: str):

@@ -38,12 +38,27 @@ def params_by_component(model) -> dict[str, int]:
     return {"embeddings": embeddings, "attention": attention, "ffn": ffn, "other": total - embeddings - attention - ffn}
 
 
-def size_on_disk(resolved: str) -> int | None:
-    """Bytes of weight files in a local model directory (None for hub ids)."""
+WEIGHT_FILES = (".safetensors", ".bin")  # a checkpoint's weights
+MODEL_FILES = (*WEIGHT_FILES, ".onnx", ".data")  # everything that holds tensors, exports included
+
+
+def files_size(paths) -> int:
+    """Bytes of the files that exist among `paths`."""
+    return sum(p.stat().st_size for p in map(Path, paths) if p.is_file())
+
+
+def size_on_disk(resolved: str, suffixes=MODEL_FILES) -> int | None:
+    """Bytes of the files with these suffixes in a local model directory (None for hub ids)."""
     path = Path(resolved)
     if not path.is_dir():
         return None
-    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".onnx", ".data"))
+    return files_size(f for f in path.iterdir() if f.suffix in suffixes)
+
+
+def tensor_bytes(model) -> int:
+    """Bytes of a model's parameters and buffers in memory (tied tensors once)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def describe(model, resolved: str | None = None) -> dict:

@@ -13,13 +13,15 @@ error, never a silent re-initialisation.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from shrink.arch import head_suffix
-from shrink.errors import CorruptCheckpointError, ManifestVersionError, OutputExistsError
+from shrink.errors import BadInputError, CorruptCheckpointError, ManifestVersionError, OutputExistsError
 from shrink.surgery import runtime
 
 WEIGHTS_FILE = "model.safetensors"
@@ -29,38 +31,113 @@ MODELING_FILE = "modeling_shrink.py"
 # --- atomic output directories ------------------------------------------------------------------
 
 
+def check_writable(out: Path) -> None:
+    """Exit 2 now, before any work, when `out` cannot be written: a temporary directory is made
+    (and removed) in the nearest existing directory above it, which is where the output's own
+    temporary directory will go. Catches permissions, read-only file systems, /proc and /sys, and
+    names too long for the file system."""
+    out = Path(out).absolute()
+    try:
+        parent = out.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise BadInputError(f"cannot write to {out}: {parent} is a file, not a directory", hint="choose another -o")
+    except OSError as exc:
+        raise BadInputError(f"cannot write to {out}: {exc.strerror or exc}", hint="choose another -o") from None
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent)
+    except OSError as exc:
+        raise BadInputError(f"cannot write to {out}: {exc.strerror or exc} (making a directory in {parent})", hint="choose another -o") from None
+    os.rmdir(probe)
+
+
 def check_output_dir(out: Path, overwrite: bool, inputs: list[Path] = ()) -> None:
-    """Refuse to write over an input, or into a non-empty directory without --overwrite."""
-    out = out.resolve()
-    for source in inputs:
-        source = Path(source).resolve()
-        if out == source or source.is_relative_to(out):
-            raise OutputExistsError(f"refusing to write over the input {source}", hint="choose another output directory")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output directory {out} exists and is not empty", hint="pass --overwrite or choose another -o")
+    """Refuse to write over an input, into a non-empty directory without --overwrite, or where
+    nothing can be written."""
+    try:
+        out = out.resolve()
+        for source in inputs:
+            source = Path(source).resolve()
+            if out == source or source.is_relative_to(out):
+                raise OutputExistsError(f"refusing to write over the input {source}", hint="choose another output directory")
+        if out.exists() and not out.is_dir():
+            raise OutputExistsError(f"{out} exists and is not a directory")
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise OutputExistsError(f"output directory {out} exists and is not empty", hint="pass --overwrite or choose another -o")
+    except OSError as exc:
+        raise BadInputError(f"cannot write to {out}: {exc.strerror or exc}", hint="choose another -o") from None
+    check_writable(out)
+
+
+def umask() -> int:
+    """The process umask, read without changing it where the OS allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The directories above `path` that do not exist yet, outermost first."""
+    missing = []
+    for parent in path.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing[::-1]
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if not overwrite:
+        # rename(2) replaces an empty directory but fails on a non-empty one (or a file), so of two
+        # runs writing the same -o at once exactly one succeeds; the other exits 2 "exists"
+        try:
+            os.rename(tmp, out)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise OutputExistsError(
+                    f"output directory {out} exists and is not empty (another run wrote it meanwhile)",
+                    hint="pass --overwrite or choose another -o",
+                ) from None
+            raise
+        return
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.rename(old / "dir")
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
 
 
 @contextlib.contextmanager
 def atomic_directory(out: Path, overwrite: bool = False):
     """Yield a temporary directory beside `out`; on success it replaces `out` in one rename. On any
-    error (Ctrl-C included) it is removed and `out` is left as it was."""
+    error (Ctrl-C included) it is removed, with any parent directories made for it, and `out` is
+    left as it was. Without `overwrite` the rename is exclusive (see _move_into_place). The
+    directory gets the mode of any directory the user makes (0777 less the umask), not mkdtemp's 0700."""
     out = Path(out).resolve()
     check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    made = _missing_parents(out)
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~umask())
         yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / "dir")
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        _move_into_place(tmp, out, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for parent in reversed(made):
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # only if still empty
         raise
 
 
@@ -123,6 +200,7 @@ def write_checkpoint(model, directory: Path, tokenizer=None, extra_manifest: dic
     config.architectures = [type(model).__name__]
     config.save_pretrained(directory)
     save_model(model, str(directory / WEIGHTS_FILE))
+    os.chmod(directory / WEIGHTS_FILE, 0o666 & ~umask())  # safetensors writes 0600; like any file the user writes
     (directory / MODELING_FILE).write_text(remote_code(model), encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
@@ -153,6 +231,7 @@ def load_slim(directory: str | Path, config=None):
     config = config if config is not None else AutoConfig.from_pretrained(directory)
     check_supported(config)
     manifest = getattr(config, "shrink", None) or runtime.new_manifest()
+    check_manifest(manifest, config, f"the shrink manifest in {directory}/config.json")
     version = manifest.get("format_version", 0)
     if version > runtime.MANIFEST_FORMAT_VERSION:
         raise ManifestVersionError(
@@ -166,14 +245,48 @@ def load_slim(directory: str | Path, config=None):
     model = model_class(config)(config)
     try:
         runtime.apply_manifest(model, manifest)
-    except (ValueError, KeyError, IndexError) as exc:
-        raise CorruptCheckpointError(f"the shrink manifest in {directory}/config.json is invalid: {exc}") from None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CorruptCheckpointError(f"the shrink manifest in {directory}/config.json is invalid: {reason}") from None
     try:
         load_model(model, str(weights), strict=True)
     except (SafetensorError, RuntimeError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CorruptCheckpointError(f"cannot load {weights}: {first[:300]}", hint="the file is truncated or does not match config.json") from None
     return model.to(torch.float32).eval()
+
+
+def check_manifest(manifest, config, where: str) -> None:
+    """The manifest's shape and its layer numbers, checked before it is replayed, so a hand-edited
+    or hostile config.json is one line that says what is wrong ("layer 42 does not exist")."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("ops", []), list):
+        raise CorruptCheckpointError(f"{where} is invalid: expected a mapping with a list of ops")
+    if not isinstance(manifest.get("format_version", 0), int):
+        raise CorruptCheckpointError(f"{where} is invalid: format_version is not a number")
+    adapter = runtime.adapter_for(config)
+    if adapter is None:
+        return  # check_supported says why
+    num_layers = getattr(config, adapter.num_layers_attr)
+    present = list(range(num_layers))
+    for n, op in enumerate(manifest.get("ops", [])):
+        if not isinstance(op, dict) or not isinstance(op.get("op"), str):
+            raise CorruptCheckpointError(f"{where} is invalid: op {n} is not a mapping with an `op` name")
+        kind = op["op"]
+        if kind == "drop_layers":
+            layers = op.get("layers")
+        else:  # heads and ffn name a layer; other ops (low rank) may
+            layers = [op.get("layer")] if kind in ("heads", "ffn") or op.get("layer") is not None else []
+        if not isinstance(layers, list):
+            raise CorruptCheckpointError(f"{where} is invalid: op {n} ({kind}): layers is not a list")
+        for layer in layers:
+            if not isinstance(layer, int) or isinstance(layer, bool):
+                raise CorruptCheckpointError(f"{where} is invalid: op {n} ({kind}): {layer!r} is not a layer number")
+            if not 0 <= layer < num_layers:
+                raise CorruptCheckpointError(f"{where} is invalid: op {n} ({kind}): layer {layer} does not exist (model has {num_layers})")
+            if layer not in present:
+                raise CorruptCheckpointError(f"{where} is invalid: op {n} ({kind}): layer {layer} was dropped by an earlier op")
+        if kind == "drop_layers":
+            present = [i for i in present if i not in layers]
 
 
 def read_manifest(directory: str | Path) -> dict | None:

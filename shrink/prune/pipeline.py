@@ -48,8 +48,8 @@ def load_recipes(refs: list[str], overrides: list[str]) -> list[Recipe]:
         return [load_recipe(refs[0], overrides)]
     names = [Path(r).stem for r in refs]
     for override in overrides:
-        if override.split(".", 1)[0] not in names:
-            raise BadInputError(f"--set {override}: with several recipes, start the key with a recipe name ({', '.join(names)})")
+        if "." not in override.partition("=")[0] or override.split(".", 1)[0] not in names:
+            raise BadInputError(f"--set {override[:100]}: with several recipes, start the key with a recipe name ({', '.join(names)})")
     return [
         load_recipe(ref, [o.split(".", 1)[1] for o in overrides if o.split(".", 1)[0] == name])
         for ref, name in zip(refs, names)
@@ -228,7 +228,7 @@ def export_and_bench(teacher, model, directory: Path, tokenizer, evaluation) -> 
     interleaved in one run (b=1, s=128, one thread)."""
     import tempfile
 
-    from shrink.measure.bench.run import bench
+    from shrink.measure.bench import bench
     from shrink.measure.export import export_onnx
 
     slim = export_onnx(model, directory / "model.onnx", tokenizer=tokenizer, parity_batches=evaluation[:2])

@@ -73,7 +73,9 @@ def show(report: dict) -> None:
 
     from shrink.console import out
 
-    table = Table(title=f"{report['model']} -> {report['output']}", show_edge=False)
+    from rich.markup import escape
+
+    table = Table(title=escape(f"{report['model']} -> {report['output']}"), show_edge=False)
     for col in ("figure", "before", "after", "change"):
         table.add_column(col, justify="left" if col == "figure" else "right")
     for row in headline_rows(report):

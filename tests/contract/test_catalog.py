@@ -31,9 +31,8 @@ from shrink.models.slim import save_slim
 from shrink.prune.pipeline import run_step
 from shrink.surgery import manifest_of
 from shrink.surgery.runtime import apply_manifest
-from shrink.train.objectives import choose_objective
 
-from helpers import ARCHITECTURES, main_output, tiny_inputs, tiny_model
+from helpers import ARCHITECTURES, main_output, method_context, tiny_inputs, tiny_model
 
 METHODS = sorted(all_methods())
 
@@ -56,15 +55,8 @@ WITHOUT_SHRINK = textwrap.dedent(
 
 def context(arch: str) -> Context:
     model = tiny_model(arch)
-    teacher = copy.deepcopy(model)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     batches = [tiny_inputs(model, batch=4, length=10, seed=s) for s in range(3)]
-    return Context(
-        model=model, teacher=teacher, tokenizer=None, calibration=batches,
-        calibration_batches=lambda n, length, size: batches, evaluation=batches[:1],
-        objective=choose_objective(model, teacher, has_labels=False), has_labels=False,
-    )
+    return method_context(model, batches, evaluation=batches[:1])
 
 
 def run_case(name: str, arch: str, root) -> dict:

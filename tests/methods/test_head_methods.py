@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from shrink import surgery
-from shrink.methods.base import Context
 from shrink.methods.catalog import get_method
-from shrink.train.objectives import choose_objective
 
-from helpers import tiny_inputs, tiny_model
+from helpers import method_context, tiny_inputs, tiny_model
 
 USELESS = (1, 2)  # (layer, head) whose output projection columns are zeroed
 
@@ -22,13 +18,7 @@ def context(seed=0):
     with torch.no_grad():
         layer, head = USELESS
         model.encoder.layer[layer].attention.output.dense.weight[:, head * 8 : (head + 1) * 8] = 0
-    teacher = copy.deepcopy(model)
-    batches = [tiny_inputs(model, batch=4, length=10, seed=s) for s in range(2)]
-    return Context(
-        model=model, teacher=teacher, tokenizer=None, calibration=batches,
-        calibration_batches=lambda n, length, size: batches, evaluation=[],
-        objective=choose_objective(model, teacher, has_labels=False), has_labels=False, seed=seed,
-    )
+    return method_context(model, [tiny_inputs(model, batch=4, length=10, seed=s) for s in range(2)], seed=seed)
 
 
 @pytest.mark.parametrize("name, options", [("heads.a_star", {}), ("heads.importance", {})])

@@ -13,12 +13,11 @@ from typer.testing import CliRunner
 from shrink import surgery
 from shrink.cli import app
 from shrink.errors import BadInputError
-from shrink.methods.base import Context
 from shrink.methods.catalog import get_method
 from shrink.prune.pipeline import run_step
 from shrink.train.objectives import choose_objective, objective_loss
 
-from helpers import tiny_config, tiny_inputs, write_model_and_data
+from helpers import method_context, tiny_config, tiny_inputs, write_model_and_data
 
 
 def context(arch="bert", layers=4):
@@ -26,13 +25,7 @@ def context(arch="bert", layers=4):
     torch.manual_seed(0)
     depth = {"n_layers": layers} if arch == "distilbert" else {"num_hidden_layers": layers}
     model = AutoModel.from_config(tiny_config(arch, **depth)).eval()
-    teacher = copy.deepcopy(model)
-    batches = [tiny_inputs(model, batch=4, length=10, seed=s) for s in range(2)]
-    return Context(
-        model=model, teacher=teacher, tokenizer=None, calibration=batches,
-        calibration_batches=lambda n, length, size: batches, evaluation=[],
-        objective=choose_objective(model, teacher, has_labels=False), has_labels=False,
-    )
+    return method_context(model, [tiny_inputs(model, batch=4, length=10, seed=s) for s in range(2)])
 
 
 def step(ctx, target, **options):

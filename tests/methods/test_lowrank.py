@@ -3,7 +3,6 @@ magnitude pruning (weights.magnitude), their recipes, exact reload and ONNX expo
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -16,29 +15,20 @@ from shrink.errors import BadInputError
 from shrink.measure.export import export_onnx
 from shrink.methods import lowrank
 from shrink.methods import magnitude as weight_pruning
-from shrink.methods.base import Context
 from shrink.methods.catalog import get_method
 from shrink.models.flops import model_flops
 from shrink.models.slim import load_slim, save_slim
 from shrink.prune.pipeline import run_step
 from shrink.prune.recipe import load_recipe
 from shrink.surgery.runtime import LowRankLinear
-from shrink.train.objectives import choose_objective
 
-from helpers import main_output, tiny_inputs, tiny_model
+from helpers import main_output, method_context, tiny_inputs, tiny_model
 
 runner = CliRunner()
 
 
 def context(arch="bert", task="base", seed=0):
-    model = tiny_model(arch, task=task, seed=seed)
-    teacher = copy.deepcopy(model)
-    batches = [tiny_inputs(model, batch=4, length=10, seed=s) for s in range(3)]
-    return Context(
-        model=model, teacher=teacher, tokenizer=None, calibration=batches,
-        calibration_batches=lambda n, length, size: batches, evaluation=[],
-        objective=choose_objective(model, teacher, has_labels=False), has_labels=False,
-    )
+    return method_context(tiny_model(arch, task=task, seed=seed))
 
 
 def step(ctx, name, target, **options):

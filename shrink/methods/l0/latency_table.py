@@ -2,7 +2,7 @@
 
     latency_cost(model, seq_len=128, threads=1, rounds=30) -> shrink.methods.l0.hard_concrete.LinearCost (milliseconds)
 
-Five variants of the model are exported and timed interleaved in one shrink.measure.bench.run run (batch 1,
+Five variants of the model are exported and timed interleaved in one shrink.measure.bench run (batch 1,
 seq_len tokens, one thread): as it is, every layer with half its heads, every layer with half its FFN
 neurons, attention removed from every layer but the first, the FFN removed from every layer but the
 first (an encoder without any attention exports without an attention_mask input). With L_a layers
@@ -40,7 +40,7 @@ def cache_dir() -> Path:
 def _key(model, seq_len: int, threads: int) -> str:
     import onnxruntime
 
-    from shrink.measure.bench.run import _cpu_description
+    from shrink.measure.bench.env import cpu_description
     from shrink.models.info import describe
 
     summary = describe(model)
@@ -54,7 +54,7 @@ def _key(model, seq_len: int, threads: int) -> str:
         "vocab": summary["vocab_size"],
         "seq_len": seq_len,
         "threads": threads,
-        "cpu": _cpu_description(),
+        "cpu": cpu_description(),
         "onnxruntime": onnxruntime.__version__,
     }
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
@@ -85,7 +85,7 @@ def _variants(model) -> dict:
 def measure(model, seq_len: int = 128, threads: int = 1, rounds: int = 30) -> dict:
     """Time the five variants (see the module docstring) and fit the coefficients."""
     from shrink import surgery
-    from shrink.measure.bench.run import bench
+    from shrink.measure.bench import bench
 
     model = copy.deepcopy(model).cpu().eval()
     heads, ffn = surgery.heads_per_layer(model), surgery.ffn_per_layer(model)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from shrink import surgery
 from shrink.cli import app
 from shrink.errors import BadInputError
-from shrink.measure.bench.run import bench
+from shrink.measure.bench import bench
 from shrink.measure.export import export_onnx
 from shrink.models.flops import model_flops
 from shrink.models.slim import save_slim

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from shrink import surgery
 from shrink.cli import app
 from shrink.errors import InternalError
-from shrink.measure.export import export_onnx, session
+from shrink.measure.export import export_onnx
+from shrink.measure.onnx_session import session
 
 from helpers import ARCHITECTURES, slim_everything, tiny_model
 

@@ -1,0 +1,47 @@
+"""The machine a benchmark ran on: library versions, the CPU and the vector extensions int8 kernels
+depend on, and the process's peak memory. Every report carries these, since absolute times (and int8
+speedups) belong to one machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+import onnxruntime
+import torch
+
+
+def environment() -> dict:
+    return {
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "machine": platform.processor() or platform.machine(),
+        "cpu": cpu_description(),
+    }
+
+
+def cpu_description() -> str:
+    """CPU model and the vector extensions int8 kernels depend on: int8 speedups differ by an order
+    of magnitude between a CPU with VNNI/AMX and one with AVX2 only, so a report must say which."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return f"{model} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
+
+
+def process_peak_rss_mb() -> float | None:
+    """Peak resident memory of this whole process (all models together), not per model."""
+    try:
+        import resource  # not on Windows
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak * (1 if sys.platform == "darwin" else 1024) / 1e6  # bytes on macOS, KiB on Linux
+    except (ImportError, OSError):
+        return None
