@@ -36,10 +36,10 @@ def register(app: typer.Typer) -> None:
         from shrink.commands import cli_errors
 
         with cli_errors(json_output):
-            from shrink.measure.bench import bench as run_bench
             from shrink.errors import BadInputError
-            from shrink.measure.thresholds import bench_failures, raise_on_failures
+            from shrink.measure.bench import bench as run_bench
             from shrink.measure.bench.render import show, to_markdown
+            from shrink.measure.thresholds import bench_failures, raise_on_failures
 
             if max_quality_drop is not None and data is None:
                 raise BadInputError("--max-quality-drop needs --data to measure quality on")
@@ -75,9 +75,9 @@ def _ints(text: str, option: str) -> list[int]:
 def _quality_batches(data, text_column, text_pair_column, label_column, tokenizer, baseline: str):
     """Read the data now (a bad file fails before any model loads); batches are made later from
     the baseline's runner, so label mapping and pair encoding follow the baseline model."""
+    from shrink.commands.eval import _tokenizer
     from shrink.data.examples import read_examples
     from shrink.measure.evaluate import batches_for
-    from shrink.commands.eval import _tokenizer
 
     examples = read_examples(data, text_column, text_pair_column, label_column)
     tok = _tokenizer(tokenizer, baseline)

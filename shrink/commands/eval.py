@@ -132,9 +132,8 @@ def _format(value) -> str:
 
 
 def show(document: dict) -> None:
-    from rich.table import Table
-
     from rich.markup import escape
+    from rich.table import Table
 
     teacher = f"  teacher: {escape(document['teacher'])}" if document["teacher"] else ""
     out.print(f"[bold]{escape(document['model'])}[/bold]  on {escape(document['data'])}  ({document['samples']} examples){teacher}")

@@ -11,8 +11,8 @@ from shrink.console import out, print_json
 
 def describe_recipe(name: str) -> dict:
     """A recipe's steps with the full option and target values (defaults filled in) and their help."""
-    from shrink.prune.recipe import load_recipe
     from shrink.methods.catalog import get_method
+    from shrink.prune.recipe import load_recipe
 
     recipe = load_recipe(name)
     steps = []

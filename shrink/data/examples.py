@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shrink.console import note
+from shrink.data import corpus
 from shrink.errors import BadInputError
 
 FILE_TYPES = (".txt", ".csv", ".tsv", ".jsonl")
@@ -47,8 +48,6 @@ class Examples:
 
 
 def read_examples(source: str | None, text_column=None, text_pair_column=None, label_column=None) -> Examples:
-    from shrink.data import corpus
-
     if source is None or source in corpus.NAMES:
         if text_pair_column or label_column:
             raise BadInputError("the bundled corpus is plain sentences: it has no pair or label column", hint="pass --data FILE")

@@ -22,16 +22,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shrink.errors import BadInputError
+from shrink.arch import logits_of, model_inputs, task_head
+from shrink.console import progress as progress_bar
+from shrink.data.examples import make_batches
+from shrink.errors import BadInputError, CorruptCheckpointError
 from shrink.measure.onnx_session import session
+from shrink.models.hub import load_model
+from shrink.train.device import to_device
+from shrink.train.objectives import mean_pool
 
 # --- runners: one call per batch, the same answers from torch and ONNX -------------------------
 
 
 class TorchRunner:
     def __init__(self, model):
-        from shrink.arch import task_head
-
         self.model = model.eval()
         self.kind = "embedding" if task_head(model) is None else "logits"
         self.config = model.config
@@ -40,8 +44,6 @@ class TorchRunner:
     @torch.no_grad()
     def __call__(self, batch: dict) -> torch.Tensor:
         """logits for a task head, else the last hidden state."""
-        from shrink.arch import logits_of, model_inputs
-        from shrink.train.device import to_device
 
         output = self.model(**to_device(model_inputs(self.model, batch), self.device))
         result = output.last_hidden_state if self.kind == "embedding" else logits_of(output)
@@ -82,7 +84,6 @@ def _sibling_config(path: Path):
     config_file = path.parent / "config.json"
     if not config_file.is_file():
         return None  # then labels must be class ids
-    from shrink.errors import CorruptCheckpointError
 
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -106,7 +107,6 @@ def runner_for(model_or_path):
     if isinstance(model_or_path, (str, Path)):
         if str(model_or_path).endswith(".onnx"):
             return OnnxRunner(model_or_path)
-        from shrink.models.hub import load_model
 
         return TorchRunner(load_model(str(model_or_path)))
     if isinstance(model_or_path, (TorchRunner, OnnxRunner)):
@@ -152,8 +152,6 @@ def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
 
 def evaluate(model, batches: list[dict] | None = None, *, examples=None, tokenizer=None, teacher=None, max_length: int = 128, batch_size: int = 32, progress: bool = True) -> dict:
     """Task metrics and (with a teacher) fidelity, over all batches. See the module docstring."""
-    from shrink.console import progress as progress_bar
-    from shrink.train.objectives import mean_pool
 
     runner = runner_for(model)
     teacher_runner = runner_for(teacher) if teacher is not None else None
@@ -230,8 +228,6 @@ def fidelity(outputs: list[torch.Tensor], teacher_outputs: list[torch.Tensor], m
 def batches_for(runner, examples, tokenizer, max_length: int, batch_size: int) -> list[dict]:
     """Batches for this model: class labels mapped through its config; sentence pairs encoded
     separately for embedding models (bi-encoder cosine), jointly for task heads (cross-encoder)."""
-    from shrink.data.examples import make_batches
-    from shrink.arch import task_head
 
     if examples is None or tokenizer is None:
         raise ValueError("evaluate needs batches, or examples and a tokenizer")

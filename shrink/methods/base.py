@@ -11,13 +11,11 @@ of this package) and the plugins (entry-point group `shrink.methods`).
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict
 
-from shrink.errors import BadInputError
 from shrink.surgery.plan import legacy_plan
 
 

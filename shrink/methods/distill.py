@@ -9,6 +9,7 @@ from pydantic import Field
 
 from shrink.methods.base import Context, StepResult, Strict, register
 from shrink.surgery import encoder_weights
+from shrink.train.loop import distill
 
 
 class DistillOptions(Strict):
@@ -32,7 +33,6 @@ SPARSE_MATRIX_ZEROS = 0.05
           smoke={"options": {"max_steps": 2}})
 def distill_step(ctx: Context, target, options: DistillOptions) -> StepResult:
     """Recover quality by distilling the original model into the slim one."""
-    from shrink.train.loop import distill
 
     # Early stopping watches every tenth calibration batch, never the report's held-out split.
     train, watch = ctx.calibration, None

@@ -33,8 +33,10 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from shrink.arch import model_inputs
 from shrink.errors import BadInputError
 from shrink.methods.base import Context, StepResult, Strict, register
+from shrink.models.flops import model_flops
 from shrink.surgery import LowRank, encoder_linears, layers_of
 from shrink.surgery.ops import ENCODER_MODULES as MODULES
 from shrink.surgery.runtime import kind_of
@@ -108,7 +110,6 @@ def candidates(model: nn.Module, modules: list[str]) -> list[Matrix]:
 @torch.no_grad()
 def input_statistics(model: nn.Module, matrices: list[Matrix], batches: list[dict], full: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per matrix over real (unpadded) tokens: (E[x x^T], or only its diagonal E[x^2] unless `full`; E[x])."""
-    from shrink.arch import model_inputs
 
     sums, means = [None] * len(matrices), [None] * len(matrices)
     count = [0]
@@ -191,8 +192,6 @@ def layer_params(model: nn.Module) -> int:
 
 
 def layer_flops(model: nn.Module, seq_length: int) -> int:
-    from shrink.models.flops import model_flops
-
     flops = model_flops(model, seq_length)
     return flops["attention"] + flops["ffn"]
 

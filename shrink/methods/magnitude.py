@@ -31,9 +31,10 @@ from pydantic import Field, model_validator
 
 from shrink.errors import BadInputError
 from shrink.methods.base import Context, StepResult, Strict, register
+from shrink.methods.distill import DistillOptions
 from shrink.surgery import encoder_weights
 from shrink.surgery.ops import ENCODER_MODULES as MODULES
-from shrink.methods.distill import DistillOptions
+from shrink.train.loop import distill
 
 
 class SparsityTarget(Strict):
@@ -131,7 +132,6 @@ def compressed_size(model, level: int = 6) -> dict:
           smoke={"target": {"sparsity": 0.5}, "options": {"max_steps": 2, "prune_every": 1}})
 def gradual_magnitude(ctx: Context, target: SparsityTarget, options: MagnitudeOptions) -> StepResult:
     """Distill while zeroing the smallest weights on a cubic schedule (unstructured: no speedup)."""
-    from shrink.train.loop import distill
 
     if options.initial_sparsity > target.sparsity:
         raise BadInputError(f"initial_sparsity {options.initial_sparsity} is above the target sparsity {target.sparsity}")

@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 from shrink.arch import model_class
+from shrink.console import note
 from shrink.errors import BadInputError, CorruptCheckpointError, ModelNotFoundError
+from shrink.models.slim import load_slim
 from shrink.surgery.ops import check_supported
 
 # Short names people type; resolved to hub ids and loaded with the normal transformers code path.
@@ -124,8 +126,6 @@ def load_model(ref: str, device: str = "cpu"):
     config = load_config(ref)
     resolved = resolve(ref)
     if getattr(config, "shrink", None):
-        from shrink.models.slim import load_slim
-
         model = load_slim(resolved, config=config)
     else:
         cls = model_class(config)
@@ -141,8 +141,6 @@ def load_model(ref: str, device: str = "cpu"):
                 ) from None
             raise _hub_error(ref, resolved, exc) from None
         if pickled:
-            from shrink.console import note
-
             note(
                 f"note: {ref} keeps its weights as a pickle ({pickled}); loaded weights-only (tensors, no code). "
                 f"Prefer safetensors: {_convert_command(resolved, type(model).__name__)}"

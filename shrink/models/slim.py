@@ -20,9 +20,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from shrink.arch import head_suffix
+from shrink import __version__
+from shrink.arch import head_suffix, model_class
 from shrink.errors import BadInputError, CorruptCheckpointError, ManifestVersionError, OutputExistsError
 from shrink.surgery import runtime
+from shrink.surgery.ops import check_supported, manifest_of
 
 WEIGHTS_FILE = "model.safetensors"
 MODELING_FILE = "modeling_shrink.py"
@@ -181,16 +183,12 @@ def provenance() -> dict:
     import torch
     import transformers
 
-    from shrink import __version__
-
     return {"shrink": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def write_checkpoint(model, directory: Path, tokenizer=None, extra_manifest: dict | None = None) -> None:
     """Write a slim checkpoint into an existing (empty) directory."""
     from safetensors.torch import save_model
-
-    from shrink.surgery.ops import manifest_of
 
     manifest = manifest_of(model)
     manifest.update(extra_manifest or {})
@@ -223,9 +221,6 @@ def load_slim(directory: str | Path, config=None):
     from safetensors import SafetensorError
     from safetensors.torch import load_model
     from transformers import AutoConfig
-
-    from shrink.arch import model_class
-    from shrink.surgery.ops import check_supported
 
     directory = Path(directory)
     config = config if config is not None else AutoConfig.from_pretrained(directory)

@@ -13,11 +13,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shrink.console import note
-from shrink.errors import BadInputError
-from shrink.prune.recipe import Recipe, load_recipe, validated
-from shrink.methods.base import Context
 from shrink import surgery
+from shrink.arch import task_head
+from shrink.console import note
+from shrink.data.examples import make_batches, read_examples, split_examples
+from shrink.errors import BadInputError
+from shrink.measure.bench import bench
+from shrink.measure.evaluate import evaluate
+from shrink.measure.export import export_onnx
+from shrink.methods.base import Context
+from shrink.models.flops import model_flops
+from shrink.models.hub import display_name, load_model, load_tokenizer, resolve
+from shrink.models.info import describe
+from shrink.models.slim import atomic_directory, check_output_dir, write_checkpoint
+from shrink.prune.recipe import Recipe, load_recipe, validated
+from shrink.prune.report import write_prune_report
+from shrink.train.device import resolve_device, to_device
+from shrink.train.objectives import choose_objective
 
 
 @dataclass
@@ -57,15 +69,10 @@ def load_recipes(refs: list[str], overrides: list[str]) -> list[Recipe]:
 
 
 def default_output(model_ref: str, recipes: list[Recipe]) -> Path:
-    from shrink.models.hub import display_name
-
     return Path(f"{display_name(model_ref)}-{'+'.join(r.name for r in recipes)}")
 
 
 def structure(model) -> dict:
-    from shrink.models.flops import model_flops
-    from shrink.models.info import describe
-
     summary = describe(model)
     keys = ("num_layers", "original_layers", "heads_per_layer", "ffn_per_layer", "params", "params_total")
     figures = {k: summary[k] for k in keys}
@@ -85,12 +92,6 @@ class Session:
 def build_session(model_ref: str, settings: PruneSettings) -> Session:
     """Load model, teacher (a frozen copy), tokenizer and data; split and batch; pick the objective."""
     import torch
-
-    from shrink.data.examples import make_batches, read_examples, split_examples
-    from shrink.arch import task_head
-    from shrink.train.device import resolve_device, to_device
-    from shrink.train.objectives import choose_objective
-    from shrink.models.hub import load_model, load_tokenizer
 
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
@@ -144,8 +145,6 @@ def run_step(ctx: Context, method, options, target) -> tuple:
 
 def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None, settings: PruneSettings | None = None) -> dict:
     """Run the recipe chain on a model and write the slim checkpoint, ONNX and report. Returns the report."""
-    from shrink.models.hub import resolve
-    from shrink.models.slim import atomic_directory, check_output_dir
 
     settings = settings or PruneSettings()
     started = time.perf_counter()
@@ -202,7 +201,6 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
         "source": model_ref,
         "recipes": [{"name": r.name, "steps": [s.model_dump() for s in r.steps]} for r in recipes],
     }
-    from shrink.models.slim import write_checkpoint
 
     model.cpu(), teacher.cpu()  # checkpoints, ONNX export and CPU latency are measured on the CPU
     with atomic_directory(out, settings.overwrite) as tmp:
@@ -210,7 +208,6 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
         if settings.export:
             report["onnx"] = export_and_bench(teacher, model, tmp, tokenizer, evaluation)
         report["seconds_total"] = round(time.perf_counter() - started, 1)
-        from shrink.prune.report import write_prune_report
 
         write_prune_report(report, tmp)
     return report
@@ -218,7 +215,6 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
 
 def quality(model, batches, teacher) -> dict:
     """The held-out figures the report compares: task metric when labels exist, fidelity always."""
-    from shrink.measure.evaluate import evaluate
 
     return evaluate(model, batches, teacher=teacher)
 
@@ -227,9 +223,6 @@ def export_and_bench(teacher, model, directory: Path, tokenizer, evaluation) -> 
     """model.onnx (parity-gated) for the slim model, and ONNX Runtime latency of original vs slim,
     interleaved in one run (b=1, s=128, one thread)."""
     import tempfile
-
-    from shrink.measure.bench import bench
-    from shrink.measure.export import export_onnx
 
     slim = export_onnx(model, directory / "model.onnx", tokenizer=tokenizer, parity_batches=evaluation[:2])
     with tempfile.TemporaryDirectory() as scratch:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shrink.console import out
+
 
 def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f}M"
@@ -69,11 +71,8 @@ def write_prune_report(report: dict, directory: Path) -> None:
 
 
 def show(report: dict) -> None:
-    from rich.table import Table
-
-    from shrink.console import out
-
     from rich.markup import escape
+    from rich.table import Table
 
     table = Table(title=escape(f"{report['model']} -> {report['output']}"), show_edge=False)
     for col in ("figure", "before", "after", "change"):

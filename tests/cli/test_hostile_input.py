@@ -55,11 +55,14 @@ def prune_args(setup, out, *extra, recipe="heads-a-star"):
 def no_work(monkeypatch):
     """Fail the test if the command gets as far as loading a model."""
     import shrink.models.hub
+    import shrink.prune.pipeline
 
     def loaded(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(shrink.models.hub, "load_model", loaded)
+    # the commands import load_model when they run; the pipeline holds its own reference
+    for module in (shrink.models.hub, shrink.prune.pipeline):
+        monkeypatch.setattr(module, "load_model", loaded)
 
 
 # --- row 1: two runs writing the same -o at once: exactly one wins, the other exits 2 "exists" -----

@@ -113,12 +113,12 @@ def test_existing_non_empty_output_is_refused_and_untouched(setup, tmp_path):
 
 
 def test_ctrl_c_leaves_no_output(setup, tmp_path, monkeypatch):
-    import shrink.prune.report
+    import shrink.prune.pipeline
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(shrink.prune.report, "write_prune_report", interrupted)
+    monkeypatch.setattr(shrink.prune.pipeline, "write_prune_report", interrupted)
     result = prune(setup, tmp_path / "o")
     assert result.exit_code == 130
     assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary directory

@@ -4,6 +4,7 @@ document is the bench dict itself)."""
 
 from __future__ import annotations
 
+from shrink.console import out
 from shrink.measure.thresholds import primary_quality
 
 LATENCY_COLUMNS = ("model", "backend", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "seq/s", "speedup")
@@ -65,8 +66,6 @@ def to_markdown(result: dict) -> str:
 
 def show(result: dict) -> None:
     from rich.table import Table
-
-    from shrink.console import out
 
     latency = Table(title="latency (ms)", show_edge=False)
     for col in LATENCY_COLUMNS:

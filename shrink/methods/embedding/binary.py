@@ -17,8 +17,15 @@ import torch
 from pydantic import Field
 
 from shrink.methods.base import Context, StepResult, register
+from shrink.methods.embedding.codes import (
+    TokenWeightOptions,
+    calibration_token_weights,
+    fit_rows,
+    replaceable_word_embeddings,
+    weighted_error,
+)
 from shrink.surgery import ReplaceEmbedding
-from shrink.methods.embedding.codes import TokenWeightOptions, calibration_token_weights, fit_rows, replaceable_word_embeddings, weighted_error
+from shrink.surgery.runtime import byte_bits_table
 
 
 class BinaryOptions(TokenWeightOptions):
@@ -64,7 +71,6 @@ def learn_binary(
     progress: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Bits and decoder for every row of `table` [V, dim]: (state for runtime.BinaryEmbedding, stats)."""
-    from shrink.surgery.runtime import byte_bits_table
 
     table = table.detach().float().cpu()
     weights = weights.float().cpu()

@@ -34,15 +34,18 @@ codebooks and the encoder train).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from typing import Literal
-
 from pydantic import Field, model_validator
 
+from shrink.console import progress as progress_bar
+from shrink.errors import BadInputError
 from shrink.methods.base import Context, StepResult, Strict, register
-from shrink.surgery import ReplaceEmbedding
+from shrink.methods.embedding.product_codes import learn_product_codes
+from shrink.surgery import ReplaceEmbedding, word_embeddings_of
+from shrink.surgery.runtime import code_dtype, lookup_codes
 
 
 class TokenWeightOptions(Strict):
@@ -164,7 +167,6 @@ def fit_rows(table, weights, parameters, reconstruct, label: str, *, steps: int,
     """Adam on seeded random minibatches of embedding rows, minimising the row-weighted squared error of
     `reconstruct(rows, step) -> (reconstruction, status note)`; flat lr, decayed over the last 10% of
     steps. Shared by the code and binary autoencoders. Returns the loss of every step."""
-    from shrink.console import progress as progress_bar
 
     V = table.shape[0]
     generator = torch.Generator().manual_seed(seed)
@@ -207,7 +209,6 @@ def learn_codes(
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Codes and decoder for every row of `table` [V, dim]. Returns (state for runtime.CodeEmbedding,
     stats with the weighted relative reconstruction error)."""
-    from shrink.surgery.runtime import code_dtype
 
     table = table.detach().float().cpu()
     weights = weights.float().cpu()
@@ -255,8 +256,6 @@ def _used(codes: torch.Tensor, K: int) -> float:
 
 
 def _decode_state(codes, codebooks, state_proj, K, product: bool = False) -> torch.Tensor:
-    from shrink.surgery.runtime import lookup_codes
-
     out = lookup_codes(codes, codebooks, K, product)
     if state_proj:
         out = out @ state_proj["proj.weight"].T + state_proj["proj.bias"]
@@ -265,7 +264,6 @@ def _decode_state(codes, codebooks, state_proj, K, product: bool = False) -> tor
 
 def learn_product(table, weights, M: int, K: int, *, iterations: int = 25, seed: int = 0, progress: bool = True) -> tuple[dict, dict]:
     """Product codes (methods/product_codes.py) with the same stats as learn_codes."""
-    from shrink.methods.embedding.product_codes import learn_product_codes
 
     state, extra = learn_product_codes(table, weights, M, K, iterations=iterations, seed=seed, progress=progress)
     table = table.detach().float().cpu()
@@ -280,7 +278,6 @@ def add_frequent_tier(table, weights, counts, state: dict, frequent_tokens: int,
     """The adaptive variant: the most frequent tokens get `extra_codebooks` more codes, learned on what the
     base codes leave unexplained (the residual) of those tokens alone. `learn` are the options of
     learn_codes (additive) or learn_product (product). Returns the TieredCodeEmbedding state and stats."""
-    from shrink.surgery.runtime import code_dtype
 
     table = table.detach().float().cpu()
     seen = int((counts > 0).sum())
@@ -308,8 +305,6 @@ def add_frequent_tier(table, weights, counts, state: dict, frequent_tokens: int,
 
 def replaceable_word_embeddings(model) -> torch.nn.Embedding:
     """The model's word-embedding table; an error when an earlier step already replaced it."""
-    from shrink.errors import BadInputError
-    from shrink.surgery import word_embeddings_of
 
     old = word_embeddings_of(model)
     if not isinstance(old, torch.nn.Embedding):
@@ -321,7 +316,6 @@ def replaceable_word_embeddings(model) -> torch.nn.Embedding:
           smoke={"options": {"layout": "product", "codebooks": 4, "codebook_size": 4, "iterations": 2}})
 def embedding_codes(ctx: Context, target, options: CodesOptions) -> StepResult:
     """Replace the word embeddings by compositional codes (M codes of K values per token) learned to reconstruct them."""
-    from shrink.errors import BadInputError
 
     old = replaceable_word_embeddings(ctx.model)
     dim = old.embedding_dim

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from shrink.console import progress as progress_bar
+from shrink.surgery.runtime import code_dtype, code_width
+
 
 def assign(slices: torch.Tensor, centroids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Nearest centroid of every slice: slices [M, V, s], centroids [M, K, s] -> codes [M, V]."""
@@ -39,8 +42,6 @@ def learn_product_codes(table: torch.Tensor, weights: torch.Tensor, M: int, K: i
     row-weighted squared reconstruction error of `table` [V, dim] by weighted k-means per slice.
     Centroids start at distinct rows drawn with probability proportional to their weight; a centroid
     that loses all its rows restarts at the worst-reconstructed heavy row, so none stays unused."""
-    from shrink.console import progress as progress_bar
-    from shrink.surgery.runtime import code_dtype, code_width
 
     table = table.detach().float().cpu()
     weights = weights.detach().float().cpu()

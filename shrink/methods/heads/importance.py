@@ -15,9 +15,9 @@ import torch
 from pydantic import Field, model_validator
 
 from shrink.errors import BadInputError
-from shrink.surgery.gates import Gates
 from shrink.methods.base import Context, StepResult, Strict, register
 from shrink.surgery import KeepHeads, heads_per_layer
+from shrink.surgery.gates import Gates
 
 
 class HeadsCountTarget(Strict):

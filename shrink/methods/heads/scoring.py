@@ -19,8 +19,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from shrink.surgery.gates import Gates
 from shrink.surgery import heads_per_layer, layers_of
+from shrink.surgery.gates import Gates
 
 
 def repeat_rows(value, k: int):

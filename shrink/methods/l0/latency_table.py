@@ -29,7 +29,11 @@ import json
 import os
 from pathlib import Path
 
+from shrink import surgery
+from shrink.measure.bench import bench
+from shrink.measure.bench.env import cpu_description
 from shrink.methods.l0.hard_concrete import LinearCost
+from shrink.models.info import describe
 
 
 def cache_dir() -> Path:
@@ -39,9 +43,6 @@ def cache_dir() -> Path:
 
 def _key(model, seq_len: int, threads: int) -> str:
     import onnxruntime
-
-    from shrink.measure.bench.env import cpu_description
-    from shrink.models.info import describe
 
     summary = describe(model)
     facts = {
@@ -64,7 +65,6 @@ def _key(model, seq_len: int, threads: int) -> str:
 def _variants(model) -> dict:
     """The five timed variants. "No attention" keeps the first layer's attention (and "no FFN" its
     FFN): an encoder with no attention at all exports without an attention_mask input."""
-    from shrink import surgery
 
     heads, ffn = surgery.heads_per_layer(model), surgery.ffn_per_layer(model)
     first_att = next(i for i, n in enumerate(heads) if n)
@@ -84,8 +84,6 @@ def _variants(model) -> dict:
 
 def measure(model, seq_len: int = 128, threads: int = 1, rounds: int = 30) -> dict:
     """Time the five variants (see the module docstring) and fit the coefficients."""
-    from shrink import surgery
-    from shrink.measure.bench import bench
 
     model = copy.deepcopy(model).cpu().eval()
     heads, ffn = surgery.heads_per_layer(model), surgery.ffn_per_layer(model)

@@ -50,7 +50,9 @@ from shrink.arch import task_head
 from shrink.errors import BadInputError
 from shrink.methods.base import Context, StepResult, Strict, register
 from shrink.methods.l0.hard_concrete import KINDS, L0Gates, LinearCost
-from shrink.surgery import KeepFFN, KeepHeads, runtime
+from shrink.methods.l0.latency_table import latency_cost
+from shrink.models.flops import model_flops
+from shrink.surgery import KeepFFN, KeepHeads, ffn_per_layer, heads_per_layer, runtime
 from shrink.surgery.gates import Gates
 from shrink.surgery.ops import adapter_of, head_size, layers_of
 from shrink.train.loop import Hooks, total_steps, train
@@ -96,8 +98,6 @@ class L0Options(Strict):
 
 
 def _dims(model) -> tuple[int, int]:
-    from shrink.surgery.ops import adapter_of, head_size
-
     return getattr(model.config, adapter_of(model).hidden_size_attr), head_size(model)
 
 
@@ -107,8 +107,6 @@ def params_cost(model) -> LinearCost:
 
 
 def flops_cost(model, seq_len: int) -> LinearCost:
-    from shrink.models.flops import model_flops
-
     hidden, d = _dims(model)
     outside = model_flops(model, seq_len)
     base = outside["embeddings"] + outside["head"]
@@ -121,7 +119,6 @@ def target_cost(model, target: L0Target, options: L0Options) -> tuple[LinearCost
         return params_cost(model), target.params_fraction, {}
     if target.flops_fraction is not None:
         return flops_cost(model, options.seq_len), target.flops_fraction, {}
-    from shrink.methods.l0.latency_table import latency_cost
 
     cost, table = latency_cost(model, options.seq_len, threads=1, rounds=options.latency_rounds)
     return cost, 1.0 / target.speedup, {"latency_table": table}
@@ -170,9 +167,6 @@ def l0_objective(model, teacher, terms: list[str], options: L0Options) -> Object
 
 
 def _word_embeddings(model):
-    from shrink.surgery import runtime
-    from shrink.surgery.ops import adapter_of
-
     return runtime.get_module(runtime.base_model(model), adapter_of(model).word_embeddings)
 
 
@@ -268,7 +262,6 @@ def _counts(heads, ffn) -> tuple[list[int], list[int]]:
           smoke={"target": {"params_fraction": 0.5}, "options": {"max_steps": 3}})
 def l0(ctx: Context, target: L0Target, options: L0Options) -> StepResult:
     """Learn hard-concrete L0 gates on heads, FFN neurons and sub-layers to a size/FLOPs/speed target."""
-    from shrink.surgery import ffn_per_layer, heads_per_layer
 
     started = time.perf_counter()
     model = ctx.model
