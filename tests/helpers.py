@@ -86,6 +86,15 @@ def tiny_tokenizer():
 
 SENTENCES = [f"the {w} sat on the mat and thought about {v}." for w in ("cat", "dog", "bird", "fox", "owl") for v in ("rain", "sun", "snow", "fog", "wind", "ice", "dew", "hail")]
 
+# heads-a-star on a tiny model in a few seconds (CLI arguments)
+FAST = [
+    "--set", "steps.0.target={heads_count: 5}",
+    "--set", "steps.0.options.calibration_samples=8",
+    "--set", "steps.0.options.max_evaluations=20",
+    "--set", "steps.1.options.max_steps=2",
+    "--max-samples", "16", "--eval-samples", "8", "--max-length", "32",
+]
+
 
 def write_model_and_data(root):
     """A saved tiny BERT with the tiny tokenizer (root/model) and SENTENCES (root/data.txt)."""

@@ -13,16 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import shrink_process, tiny_config, tiny_tokenizer
+from helpers import FAST, shrink_process, tiny_config, tiny_tokenizer
 
 pytestmark = [pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals"), pytest.mark.slow]  # real processes, ~4 s each
-FAST = [
-    "--set", "steps.0.target={heads_count: 5}",
-    "--set", "steps.0.options.calibration_samples=8",
-    "--set", "steps.0.options.max_evaluations=20",
-    "--set", "steps.1.options.max_steps=2",
-    "--max-samples", "16", "--eval-samples", "8", "--max-length", "32",
-]
 
 
 @pytest.fixture(scope="module")

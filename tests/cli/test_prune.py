@@ -13,21 +13,13 @@ from shrink.cli import app
 from shrink.models.hub import load_model
 
 from helpers import (
+    FAST,
     SENTENCES,
     assert_exit,
-    tiny_model,
-    tiny_tokenizer,
     write_model_and_data,
 )
 
 runner = CliRunner()
-FAST = [
-    "--set", "steps.0.target={heads_count: 5}",
-    "--set", "steps.0.options.calibration_samples=8",
-    "--set", "steps.0.options.max_evaluations=20",
-    "--set", "steps.1.options.max_steps=2",
-    "--max-samples", "16", "--eval-samples", "8", "--max-length", "32",
-]
 
 
 @pytest.fixture(scope="module")
