@@ -26,7 +26,7 @@ from shrink.arch import logits_of, model_inputs, task_head
 from shrink.console import progress as progress_bar
 from shrink.data.examples import make_batches
 from shrink.errors import BadInputError, CorruptCheckpointError
-from shrink.measure.onnx_session import session
+from shrink.measure.onnx_session import graph_feed, session
 from shrink.models.hub import load_model
 from shrink.train.device import to_device
 from shrink.train.objectives import mean_pool
@@ -73,8 +73,7 @@ class OnnxRunner:
         missing = [name for name in self.inputs if name not in batch]
         if missing:
             raise BadInputError(f"the ONNX model needs inputs {missing} that the tokenizer does not produce")
-        feed = {name: batch[name].cpu().numpy().astype(np.int64) for name in self.inputs}
-        return torch.from_numpy(self.session.run([self.output], feed)[0]).float()
+        return torch.from_numpy(self.session.run([self.output], graph_feed(self.session, batch))[0]).float()
 
 
 def _sibling_config(path: Path):

@@ -31,7 +31,8 @@ import torch
 
 from shrink.arch import task_head
 from shrink.errors import BadInputError, InternalError, OutputExistsError
-from shrink.measure.onnx_session import session
+from shrink.measure.onnx_session import graph_feed, session
+from shrink.models.info import tensor_bytes
 from shrink.surgery.ops import adapter_of
 from shrink.surgery.runtime import max_sequence_length
 
@@ -100,12 +101,6 @@ def _torch_outputs(model, feed: dict, outputs: list[str]) -> list[np.ndarray]:
     return [getattr(result, name).float().numpy() for name in outputs]
 
 
-def graph_feed(sess, feed: dict) -> dict:
-    """The feed as int64 arrays, for the inputs the graph declares only (torch gets them all)."""
-    declared = {i.name for i in sess.get_inputs()}
-    return {k: v.numpy().astype(np.int64) for k, v in feed.items() if k in declared}
-
-
 def check_parity(model, onnx_path: Path, feeds, outputs: list[str], atol: float) -> dict[str, float]:
     """Max abs difference per input set; InternalError on the first above atol."""
     sess = session(onnx_path)
@@ -158,7 +153,6 @@ def _write_onnx(model, path: Path, inputs: list[str], outputs: list[str], opset:
     axes = {name: {0: "batch", 1: "sequence"} for name in inputs}
     for name in outputs:
         axes[name] = {0: "batch"} if name == "logits" and task_head(model) == "sequence" else {0: "batch", 1: "sequence"}
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
     import warnings
 
     with warnings.catch_warnings():
@@ -166,7 +160,7 @@ def _write_onnx(model, path: Path, inputs: list[str], outputs: list[str], opset:
         torch.onnx.export(
             wrapper, example, str(path), dynamo=False, opset_version=opset, input_names=inputs,
             output_names=outputs, dynamic_axes=axes, do_constant_folding=True,
-            external_data=size > LARGE_MODEL_BYTES,
+            external_data=tensor_bytes(model) > LARGE_MODEL_BYTES,
         )
     keep_declared_inputs(path, inputs)
 

@@ -1,8 +1,10 @@
-"""The one way shrink opens an ONNX file with onnxruntime (CPU)."""
+"""The one way shrink opens an ONNX file with onnxruntime (CPU), and feeds it tensors."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 
 from shrink.errors import BadInputError
 
@@ -21,3 +23,10 @@ def session(path: str | Path, threads: int | None = 1):
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
         raise BadInputError(f"cannot load {path} with onnxruntime: {str(exc).splitlines()[0][:200]}") from None
+
+
+def graph_feed(sess, batch: dict) -> dict:
+    """The batch's tensors as int64 arrays, for the inputs the graph declares only (a batch may hold
+    more: labels, or an attention_mask a graph with no attention left does not read)."""
+    declared = {i.name for i in sess.get_inputs()}
+    return {k: v.cpu().numpy().astype(np.int64) for k, v in batch.items() if k in declared}

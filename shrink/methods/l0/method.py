@@ -52,7 +52,7 @@ from shrink.methods.base import Context, StepResult, Strict, register
 from shrink.methods.l0.hard_concrete import KINDS, L0Gates, LinearCost
 from shrink.methods.l0.latency_table import latency_cost
 from shrink.models.flops import model_flops
-from shrink.surgery import KeepFFN, KeepHeads, ffn_per_layer, heads_per_layer, runtime
+from shrink.surgery import KeepFFN, KeepHeads, ffn_per_layer, heads_per_layer, runtime, word_embeddings_of
 from shrink.surgery.gates import Gates
 from shrink.surgery.ops import adapter_of, head_size, layers_of
 from shrink.train.loop import Hooks, total_steps, train
@@ -166,10 +166,6 @@ def l0_objective(model, teacher, terms: list[str], options: L0Options) -> Object
 # --- training -------------------------------------------------------------------------------------
 
 
-def _word_embeddings(model):
-    return runtime.get_module(runtime.base_model(model), adapter_of(model).word_embeddings)
-
-
 def train_gates(model, teacher, batches: list[dict], gates: L0Gates, cost: LinearCost, target: float,
                 options: L0Options, terms: list[str], seed: int = 0, progress: bool = True) -> dict:
     """Joint training of weights, gates and multipliers (see the module docstring) on the shared loop:
@@ -177,7 +173,7 @@ def train_gates(model, teacher, batches: list[dict], gates: L0Gates, cost: Linea
     multipliers' optimizers stepped with the weights'. Returns the history."""
     steps = total_steps(len(batches), options.epochs, max_steps=options.max_steps)
     # frozen for the run (no gradient computed at all), restored afterwards
-    frozen = [] if options.train_embeddings else [p for p in _word_embeddings(model).parameters() if p.requires_grad]
+    frozen = [] if options.train_embeddings else [p for p in word_embeddings_of(model).parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     gate_optimizer = torch.optim.Adam(gates.learned(), lr=options.gate_lr, foreach=True)
