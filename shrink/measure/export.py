@@ -31,6 +31,7 @@ import torch
 
 from shrink.arch import task_head
 from shrink.errors import BadInputError, InternalError, OutputExistsError
+from shrink.measure.cpu import VNNI_FLAGS, cpu_flags
 from shrink.measure.onnx_session import graph_feed, session
 from shrink.models.info import tensor_bytes
 from shrink.surgery.ops import adapter_of
@@ -198,15 +199,37 @@ def _optimize(path: Path, model) -> dict:
     return fused
 
 
-def _quantize(source: Path, target: Path) -> None:
+def int8_settings(flags: set[str] | None = None) -> dict:
+    """onnxruntime dynamic-quantization settings for this CPU's instruction set.
+
+    Activations are uint8 and weights int8 (U8S8). On AVX2 / AVX-512 CPUs without VNNI, onnxruntime's
+    U8S8 kernel multiplies with VPMADDUBSW, whose int16 pair sums can saturate; onnxruntime's
+    guidance there is 7-bit weights (reduce_range). With VNNI or AMX the products accumulate in int32
+    and full-range weights are exact. Weights get per-channel scales either way: on all-MiniLM-L6-v2
+    per-tensor int8 kept a mean embedding cosine of 0.953 with torch, per-channel 0.990 (export parity
+    inputs, measured 2026-11-24).
+    """
+    flags = cpu_flags() if flags is None else flags
+    vnni = any(flag in flags for flag in VNNI_FLAGS)
+    saturating = not vnni and bool(flags & {"avx2", "avx512f"})
+    return {
+        "weight_type": "QInt8",
+        "per_channel": True,
+        "reduce_range": saturating,
+        "why": "VNNI/AMX: full-range int8 weights" if vnni else
+               "AVX2/AVX-512 without VNNI: 7-bit weights avoid U8S8 saturation" if saturating else
+               "no x86 int8 extensions found: full-range int8 weights",
+    }
+
+
+def _quantize(source: Path, target: Path, settings: dict) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # fused (com.microsoft) ops defeat ONNX shape inference; their outputs are float tensors
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
-    # per-channel scales: on all-MiniLM-L6-v2 per-tensor int8 kept a mean embedding cosine of 0.953 with
-    # torch, per-channel 0.990 (export parity inputs, measured 2026-11-24)
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, extra_options=extra)
+    quantize_dynamic(str(source), str(target), weight_type=getattr(QuantType, settings["weight_type"]),
+                     per_channel=settings["per_channel"], reduce_range=settings["reduce_range"], extra_options=extra)
 
 
 def check_opset(opset: int) -> None:
@@ -283,7 +306,8 @@ def export_onnx(
         final = fp32
         if int8:
             final = Path(scratch) / "int8.onnx"
-            _quantize(fp32, final)
+            report["int8_settings"] = int8_settings()
+            _quantize(fp32, final, report["int8_settings"])
             keep_declared_inputs(final, inputs)
             report["agreement"] = check_agreement(model, final, feeds, outputs, min_agreement)
         data = final.with_name(final.name + ".data")

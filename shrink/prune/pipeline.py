@@ -47,6 +47,7 @@ class PruneSettings:
     seed: int = 0
     device: str = "cpu"
     export: bool = True
+    int8: bool = False  # also write model-int8.onnx and time dense/slim fp32/int8 in one run
     overwrite: bool = False
     overrides: list[str] = field(default_factory=list)
 
@@ -206,7 +207,7 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
     with atomic_directory(out, settings.overwrite) as tmp:
         write_checkpoint(model, tmp, tokenizer, manifest_extra)
         if settings.export:
-            report["onnx"] = export_and_bench(teacher, model, tmp, tokenizer, evaluation)
+            report["onnx"] = export_and_bench(teacher, model, tmp, tokenizer, evaluation, int8=settings.int8)
         report["seconds_total"] = round(time.perf_counter() - started, 1)
 
         write_prune_report(report, tmp)
@@ -219,13 +220,43 @@ def quality(model, batches, teacher) -> dict:
     return evaluate(model, batches, teacher=teacher)
 
 
-def export_and_bench(teacher, model, directory: Path, tokenizer, evaluation) -> dict:
+def export_and_bench(teacher, model, directory: Path, tokenizer, evaluation, int8: bool = False) -> dict:
     """model.onnx (parity-gated) for the slim model, and ONNX Runtime latency of original vs slim,
-    interleaved in one run (b=1, s=128, one thread)."""
+    interleaved in one run (b=1, s=128, one thread). With int8 also model-int8.onnx (agreement-gated)
+    and a dense int8 export, all four timed in the same run (so each int8 speedup is against dense
+    fp32 and against dense int8 on the same machine at the same moment), and the held-out quality of
+    both int8 models."""
     import tempfile
 
     slim = export_onnx(model, directory / "model.onnx", tokenizer=tokenizer, parity_batches=evaluation[:2])
     with tempfile.TemporaryDirectory() as scratch:
         original = export_onnx(teacher, Path(scratch) / "original.onnx", tokenizer=tokenizer, parity_batches=evaluation[:1])
-        latency = bench([original["path"], slim["path"]], batch_sizes=(1,), seq_lengths=(128,), threads=1)
-    return {"export": slim, "original_export": original, "bench": latency}
+        timed = [original["path"], slim["path"]]
+        if int8:
+            slim_int8 = export_onnx(model, directory / "model-int8.onnx", int8=True, tokenizer=tokenizer, parity_batches=evaluation[:2])
+            original_int8 = export_onnx(teacher, Path(scratch) / "original-int8.onnx", int8=True, tokenizer=tokenizer, parity_batches=evaluation[:1])
+            timed += [original_int8["path"], slim_int8["path"]]
+        latency = bench(timed, batch_sizes=(1,), seq_lengths=(128,), threads=1)
+        result = {"export": slim, "original_export": original, "bench": latency}
+        if int8:
+            result["int8"] = int8_summary(latency, slim_int8, original_int8, {
+                "dense": evaluate(original_int8["path"], evaluation, teacher=teacher, progress=False),
+                "slim": evaluate(slim_int8["path"], evaluation, teacher=teacher, progress=False),
+            })
+    return result
+
+
+def int8_summary(latency: dict, slim_export: dict, dense_export: dict, quality_int8: dict) -> dict:
+    """The int8 figures of a prune report; `latency` timed [dense fp32, slim fp32, dense int8, slim int8]."""
+    p50 = [m["results"][0]["p50_ms"] for m in latency["models"]]
+    return {
+        "export": slim_export,
+        "dense_export": {k: dense_export[k] for k in ("int8_settings", "agreement", "size_bytes") if k in dense_export},
+        "quality": quality_int8,
+        "speedup": {
+            "slim_fp32_vs_dense_fp32": round(p50[0] / p50[1], 3),
+            "dense_int8_vs_dense_fp32": round(p50[0] / p50[2], 3),
+            "slim_int8_vs_dense_fp32": round(p50[0] / p50[3], 3),
+            "slim_int8_vs_dense_int8": round(p50[2] / p50[3], 3),
+        },
+    }

@@ -32,9 +32,27 @@ def headline_rows(report: dict) -> list[tuple[str, str, str, str]]:
             if b is not None and a is not None:
                 rows.append((label, f"{b:.2f}", f"{a:.2f}", f"{b / a:.2f}x faster" if key == "p50_ms" else f"{a / b:.2f}x"))
     q_before, q_after = report["quality"]["before"], report["quality"]["after"]
-    for key in ("accuracy", "macro_f1", "spearman", "embedding_cosine", "top1_agreement"):
+    for key in QUALITY_KEYS:
         if q_before.get(key) is not None and q_after.get(key) is not None:
             rows.append((f"{key} (held-out)", f"{q_before[key]:.4f}", f"{q_after[key]:.4f}", f"{q_after[key] - q_before[key]:+.4f}"))
+    return rows + int8_rows(onnx.get("int8") if onnx else None, q_before)
+
+
+QUALITY_KEYS = ("accuracy", "macro_f1", "spearman", "embedding_cosine", "top1_agreement")
+
+
+def int8_rows(int8: dict | None, fp32_before: dict) -> list[tuple[str, str, str, str]]:
+    """Rows for --int8: dense int8 -> slim int8 latency and quality, the change against dense fp32."""
+    if not int8:
+        return []
+    speed = int8["speedup"]
+    rows = [("int8 speedup vs dense fp32 (dense int8 -> slim int8)", f"{speed['dense_int8_vs_dense_fp32']:.2f}x",
+             f"{speed['slim_int8_vs_dense_fp32']:.2f}x", f"{speed['slim_int8_vs_dense_int8']:.2f}x faster")]
+    dense, slim = int8["quality"]["dense"], int8["quality"]["slim"]
+    for key in QUALITY_KEYS:
+        if dense.get(key) is not None and slim.get(key) is not None:
+            change = f"{slim[key] - fp32_before[key]:+.4f} vs dense fp32" if fp32_before.get(key) is not None else ""
+            rows.append((f"int8 {key} (held-out)", f"{dense[key]:.4f}", f"{slim[key]:.4f}", change))
     return rows
 
 

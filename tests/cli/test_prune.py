@@ -137,3 +137,38 @@ def test_eval_data_file_is_the_held_out_set(setup, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
 def test_cuda_without_cuda_is_a_clear_error(setup, tmp_path):
     assert_exit(prune(setup, tmp_path / "o", "--device", "cuda"), 2, "CUDA is not available")
+
+
+def test_int8_prune_times_dense_and_slim_fp32_and_int8_in_one_run(tmp_path):
+    """--int8: model-int8.onnx next to model.onnx, four models in one interleaved bench, and the
+    speedups each against dense fp32 and dense int8 derived from that one run."""
+    import transformers as T
+
+    from helpers import tiny_config, tiny_tokenizer
+
+    torch.manual_seed(0)
+    model = T.BertModel(tiny_config("bert", max_position_embeddings=160)).eval()  # the bench uses 128 tokens
+    model.config.architectures = ["BertModel"]
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "data.txt").write_text("\n".join(SENTENCES) + "\n")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["prune", str(tmp_path / "model"), "--recipe", "heads-a-star", "--data", str(tmp_path / "data.txt"),
+                                 "-o", str(out), "--int8", "--json", *FAST])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (out / "model.onnx").is_file() and (out / "model-int8.onnx").is_file()
+    models = report["onnx"]["bench"]["models"]
+    assert len(models) == 4
+    p50 = [m["results"][0]["p50_ms"] for m in models]
+    int8 = report["onnx"]["int8"]
+    assert int8["speedup"]["slim_int8_vs_dense_int8"] == round(p50[2] / p50[3], 3)
+    assert int8["speedup"]["slim_fp32_vs_dense_fp32"] == round(p50[0] / p50[1], 3)
+    assert int8["export"]["int8_settings"]["per_channel"] is True
+    assert 0 < int8["quality"]["slim"]["embedding_cosine"] <= 1.0001
+    assert "int8 speedup vs dense fp32" in (out / "report.md").read_text()
+
+
+def test_int8_without_export_is_refused(setup, tmp_path):
+    result = runner.invoke(app, ["prune", str(setup / "model"), "--recipe", "heads-a-star", "-o", str(tmp_path / "o"), "--int8", "--no-export"])
+    assert_exit(result, 2, "--int8 needs the ONNX export")

@@ -11,6 +11,8 @@ import sys
 import onnxruntime
 import torch
 
+from shrink.measure.cpu import cpu_description
+
 
 def environment() -> dict:
     return {
@@ -21,19 +23,6 @@ def environment() -> dict:
         "machine": platform.processor() or platform.machine(),
         "cpu": cpu_description(),
     }
-
-
-def cpu_description() -> str:
-    """CPU model and the vector extensions int8 kernels depend on: int8 speedups differ by an order
-    of magnitude between a CPU with VNNI/AMX and one with AVX2 only, so a report must say which."""
-    try:
-        info = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-    return f"{model} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
 
 
 def process_peak_rss_mb() -> float | None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from shrink import surgery
 from shrink.measure.bench import bench
-from shrink.measure.bench.env import cpu_description
+from shrink.measure.cpu import cpu_description
 from shrink.methods.l0.hard_concrete import LinearCost
 from shrink.models.info import describe
 
