@@ -27,7 +27,8 @@ def describe_recipe(name: str) -> dict:
                     "help": info.description or "",
                 }
         steps.append({"method": step.method, "description": method.description, "fields": fields})
-    return {"name": recipe.name, "description": recipe.description, "file": recipe.source, "steps": steps}
+    return {"name": recipe.name, "description": recipe.description, "expected_time": recipe.expected_time,
+            "file": recipe.source, "steps": steps}
 
 
 def register(app: typer.Typer) -> None:
@@ -65,6 +66,8 @@ def show_recipe(detail: dict) -> None:
     from rich.table import Table
 
     out.print(f"[bold]{detail['name']}[/bold]  {detail['description']}")
+    if detail["expected_time"]:
+        out.print(f"expected time: {detail['expected_time']}")
     out.print(f"file: {detail['file']}")
     for i, step in enumerate(detail["steps"]):
         table = Table(title=f"step {i}: {step['method']} ({step['description']})", show_edge=False, title_justify="left")

@@ -4,7 +4,7 @@ a transformer, here as the baseline that training-free search (posttrain) and tr
 layer-drop) must beat at the same measured speedup.
 
 Importance, as in TextPruner and Michel et al. 2019: every head and every FFN neuron gets a gate of 1
-(shrink.surgery.gates); the importance of a unit is the sum over calibration batches of |dL/dgate|,
+(shrink.surgery.gates); the importance of a unit is the sum over calibration examples of |dL_x/dgate|,
 the first-order estimate of the loss change when the unit is removed. Each layer keeps its most
 important heads and neurons, the same count in every layer.
 
@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 from shrink.errors import BadInputError
 from shrink.methods.base import Context, StepResult, Strict, register
 from shrink.methods.l0.latency_table import latency_cost
+from shrink.methods.posttrain import example_losses
 from shrink.surgery import ffn_per_layer, heads_per_layer
 from shrink.surgery.gates import Gates
 from shrink.surgery.plan import KeepFFN, KeepHeads
@@ -48,24 +49,28 @@ class UniformOptions(Strict):
 
 
 def unit_importance(ctx: Context, batches: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Sum over batches of |dL/dgate| for every head and FFN neuron (per layer)."""
+    """Per layer, the sum over calibration examples of |dL_x/dgate| for every head and FFN neuron.
+
+    Each example gets its own row of gates (shrink.surgery.gates takes (batch, units)), so one backward
+    pass gives every example's gradient: a gradient summed over a batch before the absolute value would
+    let examples cancel (Michel et al. take the expectation of the absolute value). Without labels the
+    per-example loss is posttrain's random projection of the output: a distillation loss has zero
+    gradient at the original model."""
     heads, ffn = heads_per_layer(ctx.model), ffn_per_layer(ctx.model)
     device = next(ctx.model.parameters()).device
-    head_gates = [torch.ones(n, device=device, requires_grad=True) if n else None for n in heads]
-    ffn_gates = [torch.ones(n, device=device, requires_grad=True) if n else None for n in ffn]
-    live = [g for g in head_gates + ffn_gates if g is not None]
-    scores = [torch.zeros(g.numel()) for g in live]
+    scores = [torch.zeros(n) for n in heads + ffn]
+    generator = torch.Generator().manual_seed(ctx.seed)
     with Gates(ctx.model) as gates:
-        gates.heads, gates.ffn = head_gates, ffn_gates
         for batch in batches:
-            with torch.no_grad():
-                targets = ctx.objective.targets(batch)
-            grads = torch.autograd.grad(ctx.objective(ctx.model, batch, targets), live)
-            for score, grad in zip(scores, grads):
-                score += grad.detach().abs().cpu()
-    it = iter(scores)
-    per_layer = [next(it) if g is not None else torch.zeros(0) for g in head_gates + ffn_gates]
-    return per_layer[: len(heads)], per_layer[len(heads):]
+            rows = batch["input_ids"].shape[0]
+            unit_gates = [torch.ones(rows, n, device=device, requires_grad=True) if n else None for n in heads + ffn]
+            gates.heads, gates.ffn = unit_gates[: len(heads)], unit_gates[len(heads):]
+            live = [g for g in unit_gates if g is not None]
+            grads = iter(torch.autograd.grad(example_losses(ctx, batch, generator).sum(), live))
+            for score, gate in zip(scores, unit_gates):
+                if gate is not None:
+                    score += next(grads).detach().abs().sum(0).cpu()
+    return scores[: len(heads)], scores[len(heads):]
 
 
 def counts_for_speedup(ctx: Context, target: UniformTarget, options: UniformOptions) -> tuple[int, int, dict]:
@@ -74,8 +79,8 @@ def counts_for_speedup(ctx: Context, target: UniformTarget, options: UniformOpti
     heads, ffn = heads_per_layer(ctx.model), ffn_per_layer(ctx.model)
     n_heads, n_ffn = max(heads), max(ffn)
     budget = cost.of_counts(heads, ffn) / target.speedup
-    for kept_heads in range(n_heads, -1, -1):  # fewer heads, then as many neurons as the budget allows
-        kept_ffn = round(n_ffn * kept_heads / n_heads)
+    for kept_ffn in range(n_ffn, -1, -1):  # one keep fraction, in steps of one neuron so the target is met closely
+        kept_heads = round(n_heads * kept_ffn / n_ffn)
         predicted = cost.of_counts([min(kept_heads, h) for h in heads], [min(kept_ffn, n) for n in ffn])
         if predicted <= budget:
             return kept_heads, kept_ffn, {"predicted_speedup": round(cost.of_counts(heads, ffn) / predicted, 3), "latency_table": table}

@@ -43,6 +43,8 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     description: str = ""
+    # what a run costs, as measured by the benchmark that set the defaults (shown by `shrink recipes NAME`)
+    expected_time: str = ""
     steps: list[Step] = Field(min_length=1)
     source: str = Field(default="", exclude=True)
 

@@ -4,19 +4,21 @@ Methods build plans; `apply(model, plan)` carries them out, one op after the oth
 method chose (an op sees the shapes the ops before it left). Each op type has exactly one handler
 (`@handles(OpType)`), which changes the live model through shrink.surgery.ops and so records the
 manifest op that the shipped runtime replays (runtime.REPLAY). A new kind of shape change is an op
-class here, a handler, and a replay entry in runtime.py.
+class here, a handler, and a replay entry in runtime.py. A weight-only op (ScaleUnits) changes no
+shape and records no manifest op: the slim checkpoint stores the weights as it left them.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from shrink.errors import BadInputError
-from shrink.surgery import ops
+from shrink.surgery import ops, runtime
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,17 @@ class ReplaceEmbedding:
     state: dict
 
 
+@dataclass(frozen=True)
+class ScaleUnits:
+    """Layer -> one factor per head (current positions) / per FFN neuron: a unit's output is multiplied
+    by its factor, folded into its columns of the attention output projection / the FFN output Linear.
+    Weights only (post-training mask tuning), so it records no manifest op; ordered before a KeepHeads
+    / KeepFFN of the same plan, it uses the positions those ops see."""
+
+    heads: dict[int, list[float]] = field(default_factory=dict)
+    ffn: dict[int, list[float]] = field(default_factory=dict)
+
+
 HANDLERS: dict[type, Callable[[nn.Module, Any], None]] = {}
 
 
@@ -98,6 +111,28 @@ def apply_low_rank(model: nn.Module, op: LowRank) -> None:
 @handles(ReplaceEmbedding)
 def apply_replace_embedding(model: nn.Module, op: ReplaceEmbedding) -> None:
     ops.install_word_embeddings(model, op.kind, op.spec, op.state)
+
+
+@handles(ScaleUnits)
+def apply_scale_units(model: nn.Module, op: ScaleUnits) -> None:
+    adapter, layers = ops.adapter_of(model), ops.layers_of(model)
+    counts = {"heads": ops.heads_per_layer(model), "FFN neurons": ops.ffn_per_layer(model)}
+    width = {"heads": ops.head_size(model), "FFN neurons": 1}
+    for what, scales, path in (("heads", op.heads, adapter.attention_out), ("FFN neurons", op.ffn, adapter.ffn_out)):
+        for position, factors in sorted(scales.items()):
+            if not 0 <= position < len(layers):
+                raise BadInputError(f"ScaleUnits: layer {position} out of range (the model has {len(layers)} layers)")
+            if len(factors) != counts[what][position]:
+                raise BadInputError(f"ScaleUnits: layer {position} has {counts[what][position]} {what}, got {len(factors)} factors")
+            if not factors:
+                continue
+            linear = runtime.get_module(layers[position], path)
+            weight = runtime.kind_of(linear).input_weight(linear)  # one column (block) per unit
+            scale = torch.tensor([float(f) for f in factors], dtype=weight.dtype, device=weight.device)
+            if not torch.isfinite(scale).all():
+                raise BadInputError(f"ScaleUnits: layer {position} has non-finite factors for its {what}")
+            with torch.no_grad():
+                weight.mul_(scale.repeat_interleave(width[what])[None, :])
 
 
 def apply(model: nn.Module, plan: list | None) -> None:

@@ -19,6 +19,8 @@ It is organised by its tables:
 Manifest (the `shrink` section of config.json):
     {"format_version": 1, "ops": [op, ...], ...provenance...}
 Layer numbers in ops are ORIGINAL layer indices, so an op stays meaningful after layers are dropped.
+Only shape changes are recorded: weight-only plan ops (shrink.surgery.plan.ScaleUnits, the folded
+unit scales of post-training mask tuning) leave no op, the checkpoint holds the scaled weights.
     {"op": "heads", "layer": 3, "keep": [0, 2, 5]}     kept original head ids (ascending)
     {"op": "ffn", "layer": 3, "size": 912}              FFN width after the op
     {"op": "drop_layers", "layers": [4, 5]}

@@ -13,7 +13,7 @@ from shrink.methods.uniform import unit_importance
 from shrink.prune.pipeline import run_step
 from shrink.surgery.gates import Gates
 
-from helpers import method_context, tiny_model
+from helpers import method_context, tiny_inputs, tiny_model
 
 
 def context(arch="bert"):
@@ -26,20 +26,43 @@ def step(ctx, target, **options):
     return result
 
 
-def test_importance_is_the_summed_gradient_magnitude_of_each_unit_gate():
-    ctx = context()
+def labeled_context():
+    """A tiny classifier with labels: the task loss is informative at the original model."""
+    from shrink.train.objectives import choose_objective
+
+    model = tiny_model("bert", task="seq")
+    batches = []
+    for seed in range(2):
+        batch = tiny_inputs(model, batch=4, length=10, seed=seed)
+        batch["labels"] = torch.tensor([0, 1, 2, 1])
+        batches.append(batch)
+    ctx = method_context(model, batches)
+    ctx.objective, ctx.has_labels = choose_objective(model, ctx.teacher, has_labels=True), True
+    return ctx
+
+
+def test_importance_is_the_summed_per_example_gradient_magnitude_of_each_unit_gate():
+    ctx = labeled_context()
     heads, ffn = unit_importance(ctx, ctx.calibration)
-    # the reference: one gate vector at a time, gradient by autograd per batch
+    # the reference: one example and one gate vector at a time, gradient by autograd
     layer, expected = 1, torch.zeros(4)
     for batch in ctx.calibration:
-        gate = torch.ones(4, requires_grad=True)
-        with Gates(ctx.model) as gates:
-            gates.heads = [gate if i == layer else None for i in range(3)]
-            loss = ctx.objective(ctx.model, batch, ctx.objective.targets(batch))
-        expected += torch.autograd.grad(loss, gate)[0].abs()
+        for i in range(4):
+            example = {k: v[i:i + 1] for k, v in batch.items()}
+            gate = torch.ones(4, requires_grad=True)
+            with Gates(ctx.model) as gates:
+                gates.heads = [gate if j == layer else None for j in range(3)]
+                loss = ctx.objective(ctx.model, example, ctx.objective.targets(example))
+            expected += torch.autograd.grad(loss, gate)[0].abs()
     assert torch.allclose(heads[layer], expected, atol=1e-5)
     assert [s.numel() for s in ffn] == [37, 37, 37]
-    assert all(s.sum() > 0 for s in heads + ffn)
+
+
+def test_without_labels_the_scores_still_carry_information():
+    ctx = context()  # a base model: the objective is embedding cosine to the teacher, zero gradient here
+    heads, ffn = unit_importance(ctx, ctx.calibration)
+    assert all(s.min() > 0 for s in heads + ffn)
+    assert all(s.unique().numel() == s.numel() for s in heads)
 
 
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])
@@ -75,8 +98,9 @@ def test_speedup_keeps_the_largest_fraction_within_the_budget(monkeypatch):
     result = step(ctx, {"speedup": 1.6})
     heads, ffn = surgery.heads_per_layer(ctx.model), surgery.ffn_per_layer(ctx.model)
     assert cost.of_counts(heads, ffn) <= dense / 1.6
-    one_more = cost.of_counts([h + 1 for h in heads], [round(37 * (heads[0] + 1) / 4)] * 3)
-    assert one_more > dense / 1.6  # the next larger fraction would miss the target
+    assert heads == [round(4 * ffn[0] / 37)] * 3  # one keep fraction for heads and neurons
+    one_more = cost.of_counts([round(4 * (ffn[0] + 1) / 37)] * 3, [ffn[0] + 1] * 3)
+    assert one_more > dense / 1.6  # one neuron more per layer would miss the target
     assert result.stats["predicted_speedup"] == pytest.approx(dense / cost.of_counts(heads, ffn), abs=1e-3)
 
 

@@ -14,7 +14,8 @@ from shrink.errors import BadInputError
 from shrink.methods import base
 from shrink.models.slim import load_slim, save_slim
 from shrink.surgery import DropLayers, KeepFFN, KeepHeads, LowRank, ReplaceEmbedding, runtime
-from shrink.surgery.plan import HANDLERS, legacy_plan
+from shrink.surgery.ops import head_size
+from shrink.surgery.plan import HANDLERS, ScaleUnits, legacy_plan
 
 from helpers import main_output, tiny_inputs, tiny_model
 
@@ -36,6 +37,18 @@ def value_factors() -> tuple:
     return torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g), torch.randn(32, generator=g)
 
 
+def scale_by_hand(model, heads: dict, ffn: dict) -> None:
+    """What ScaleUnits does, written out: a unit's factor multiplies its input columns of the output projection."""
+    adapter, layers, size = surgery.adapter_of(model), surgery.layers_of(model), head_size(model)
+    with torch.no_grad():
+        for scales, path, width in ((heads, adapter.attention_out, size), (ffn, adapter.ffn_out, 1)):
+            for i, factors in scales.items():
+                layers[i].get_submodule(path).weight.mul_(torch.tensor(factors).repeat_interleave(width)[None, :])
+
+
+SCALES = {"heads": {0: [2.0, 1.0, 0.5, -1.0]}, "ffn": {2: [float(j % 5) - 1.5 for j in range(37)]}}
+
+
 # (op on a model, the surgery function call it stands for): one case per op type, more for variants
 CASES = {
     "heads": lambda m: (KeepHeads({0: [0, 2], 1: []}), lambda: surgery.prune_heads(m, {0: [0, 2], 1: []})),
@@ -46,6 +59,7 @@ CASES = {
         LowRank(path_of(m, 1, "value"), 2, value_factors()),
         lambda: surgery.factorize_linear(m, path_of(m, 1, "value"), 2, value_factors()),
     ),
+    "scale_units": lambda m: (ScaleUnits(**SCALES), lambda: scale_by_hand(m, **SCALES)),
     "embedding": lambda m: (
         ReplaceEmbedding("factorized", {"rank": 8}, factorized_state(m, 8)),
         lambda: surgery.install_word_embeddings(m, "factorized", {"rank": 8}, factorized_state(m, 8)),
