@@ -4,6 +4,9 @@ finer-grained method must beat, and often a strong one.
 Which layers go:
 - `top`: the top-most layers (Sajjad et al. 2023, "On the effect of dropping layers of pre-trained
   transformer models", the "poor man's BERT": top-layer dropping is the best of their simple strategies).
+- `every_other`: alternate layers from the top down (6 layers, 2 removed: 5 and 3), then the rest
+  from the top; what Fan et al. 2020 found best for cutting a LayerDrop-trained model (`distill` with
+  `layerdrop`), which needs no recovery afterwards.
 - `importance`: greedy by measured damage. Each round bypasses, one at a time, every layer still
   present (a layer gate of 0 passes the residual stream through, exactly what removal does) and
   removes the one whose bypass raises the calibration objective least, measured exactly on the
@@ -45,7 +48,8 @@ class LayersTarget(Strict):
 
 
 class LayerDropOptions(Strict):
-    strategy: Literal["top", "importance"] = Field("top", description="top: the top-most layers; importance: greedy, least measured damage first")
+    strategy: Literal["top", "every_other", "importance"] = Field(
+        "top", description="top: the top-most layers; every_other: alternate layers from the top; importance: greedy, least measured damage first")
     calibration_samples: int = Field(64, ge=1, description="examples the importance strategy scores on")
     max_length: int = Field(64, ge=8, description="tokens per scored example")
     batch_size: int = Field(32, ge=1)
@@ -95,6 +99,9 @@ def drop_layers(ctx: Context, target: LayersTarget, options: LayerDropOptions) -
     count = target.count(total)
     if options.strategy == "top":
         positions, rounds = list(range(total - count, total)), []
+    elif options.strategy == "every_other":
+        order = list(range(total - 1, -1, -2)) + list(range(total - 2, -1, -2))
+        positions, rounds = sorted(order[:count]), []
     else:
         positions, rounds = greedy_by_importance(ctx, count, options)
     return StepResult(

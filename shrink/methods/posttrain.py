@@ -39,6 +39,7 @@ Approximations, where this differs from the paper:
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -79,6 +80,7 @@ class PosttrainOptions(Strict):
     rearrange: bool = Field(True, description="refine each layer's kept units with its block Fisher (Kwon §4.2)")
     max_swaps: int = Field(200, ge=0, description="most swaps per layer and unit kind in the rearrangement")
     tune: bool = Field(True, description="least-squares scales of the kept units, folded into the weights (Kwon §4.3)")
+    tuning_target: Literal["local", "dense"] = Field("local", description="what the kept units are fitted to: every unit of the sub-layer on the pruned model's input (local), or the dense model's LayerNorm input (dense, Kwon)")
     tuning_samples: int = Field(256, ge=1, description="the first examples of the calibration set the tuning fits on (a pass per sub-layer)")
 
 
@@ -281,7 +283,8 @@ class Normal:
         return m.clamp(-CLAMP, CLAMP)
 
 
-def tune(ctx: Context, batches: list[dict], head_masks: list[torch.Tensor], ffn_masks: list[torch.Tensor]) -> tuple[list, list, list]:
+def tune(ctx: Context, batches: list[dict], head_masks: list[torch.Tensor], ffn_masks: list[torch.Tensor],
+         target: str = "local") -> tuple[list, list, list]:
     """Scales of the kept units, layer by layer from the bottom (see the module docstring). Returns
     per layer the head and FFN gate values (mask times scale; None where the layer has no such
     units) and each sub-layer's relative error before / after."""
@@ -306,17 +309,17 @@ def tune(ctx: Context, batches: list[dict], head_masks: list[torch.Tensor], ffn_
                 report.append({"layer": i})
                 continue
             # the dense model's LayerNorm inputs at layer i (real tokens only), one pass for both
-            targets = []
-            for batch in batches:
+            targets = [None] * len(batches)
+            for n, batch in enumerate(batches if target == "dense" else []):
                 store, handles = {}, []
                 for kind, inp, out, _, _ in sublayers:
                     handles.append(_capture(runtime.get_module(layer, inp), store, kind + ".in"))
                     handles.append(_capture(runtime.get_module(layer, out), store, kind + ".out", output=True))
                 gates.clear()
                 _run_until(model, batch, layer, handles)
-                targets.append({kind: (_tokens(store[kind + ".in"] + store[kind + ".out"], batch["attention_mask"]),
+                targets[n] = ({kind: (_tokens(store[kind + ".in"] + store[kind + ".out"], batch["attention_mask"]),
                                        float((_tokens(store[kind + ".out"], batch["attention_mask"]) ** 2).sum()))
-                                for kind, *_ in sublayers})
+                               for kind, *_ in sublayers})
             entry = {"layer": i}
             for kind, inp, out, mask, values in sublayers:
                 linear = runtime.get_module(layer, out)
@@ -331,7 +334,7 @@ def tune(ctx: Context, batches: list[dict], head_masks: list[torch.Tensor], ffn_
                 # G[u, v] = sum_t c_u W_u^T W_v c_v^T = block sums of (C^T C) * (W^T W), r[u] = sum of C * (b W) over u's slice
                 gram_w = w.T @ w
                 normal = Normal(k)
-                for batch, target in zip(batches, targets):
+                for batch, goal in zip(batches, targets):
                     store, handles = {}, []
                     handles.append(_capture(runtime.get_module(layer, inp), store, "in"))
                     handles.append(_capture(linear, store, "units"))
@@ -340,9 +343,13 @@ def tune(ctx: Context, batches: list[dict], head_masks: list[torch.Tensor], ffn_
                         gates.heads[i] = gate([head_values[i]])[0]
                     _run_until(model, batch, linear, handles)
                     mask_tokens = batch["attention_mask"]
-                    dense, energy = target[kind]
-                    b = dense - _tokens(store["in"], mask_tokens) - bias
                     units = _tokens(store["units"], mask_tokens)
+                    if goal is None:  # what all the sub-layer's units give on this input, bias left out
+                        b = units @ weight.T
+                        energy = float((b.double() ** 2).sum())
+                    else:
+                        dense, energy = goal[kind]
+                        b = dense - _tokens(store["in"], mask_tokens) - bias
                     c = units.view(units.shape[0], -1, width)[:, kept].reshape(units.shape[0], -1)  # tokens x kept * width
                     normal.G += ((c.T @ c) * gram_w).view(k, width, k, width).sum(dim=(1, 3)).double()
                     normal.r += (c * (b @ w)).view(-1, k, width).sum(dim=(0, 2)).double()
@@ -421,7 +428,7 @@ def posttrain(ctx: Context, target: PosttrainTarget, options: PosttrainOptions) 
     t = time.perf_counter()
     tuning = []
     if options.tune:
-        head_values, ffn_values, tuning = tune(ctx, first_examples(batches, options.tuning_samples), head_masks, ffn_masks)
+        head_values, ffn_values, tuning = tune(ctx, first_examples(batches, options.tuning_samples), head_masks, ffn_masks, options.tuning_target)
     tune_seconds = time.perf_counter() - t
 
     kept_heads = [int(m.sum()) for m in head_masks]

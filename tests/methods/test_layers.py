@@ -79,3 +79,49 @@ def test_layer_drop_recipe_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert (report["before"]["num_layers"], report["after"]["num_layers"]) == (3, 1)  # round(0.5 * 3) = 2 go
+
+
+@pytest.mark.parametrize("count, kept", [(1, [0, 1, 2, 3, 4]), (2, [0, 1, 2, 4]), (3, [0, 2, 4]), (4, [0, 2])])
+def test_every_other_strategy_removes_alternate_layers_from_the_top(count, kept):
+    ctx = context(layers=6)
+    step(ctx, {"layers_count": count}, strategy="every_other")
+    assert surgery.original_layer_ids(ctx.model) == kept
+
+
+def distill_step(ctx, **options):
+    method = get_method("distill")
+    result, _ = run_step(ctx, method, method.options(**options), method.target())
+    return result
+
+
+def test_layerdrop_bypasses_layers_only_while_training(monkeypatch):
+    from shrink.surgery.gates import Gates
+
+    seen = []
+    original = Gates._layer_hook
+
+    def spy(self, i):
+        hook = original(self, i)
+
+        def recording(*args, **kwargs):
+            if i == 0:
+                seen.append(None if self.layers is None else self.layers.clone())
+            return hook(*args, **kwargs)
+
+        return recording
+
+    monkeypatch.setattr(Gates, "_layer_hook", spy)
+    ctx = context(layers=4)
+    steps = distill_step(ctx, epochs=4, layerdrop=0.5).stats["distill"]["steps"]
+    sampled = [g for g in seen if g is not None]
+    assert steps == 4 * len(ctx.calibration) and len(seen) == len(sampled) == steps  # one mask per training pass
+    assert any((g == 0).any() for g in sampled) and all(g.sum() >= 1 for g in sampled)
+    assert len(surgery.layers_of(ctx.model)) == 4  # nothing removed; the final model has every layer
+
+
+def test_layerdrop_zero_trains_exactly_as_before():
+    plain, dropped = context(layers=3), context(layers=3)
+    distill_step(plain, max_steps=3)
+    distill_step(dropped, max_steps=3, layerdrop=0.0)
+    for a, b in zip(plain.model.parameters(), dropped.model.parameters()):
+        assert torch.equal(a, b)
