@@ -25,7 +25,8 @@ from pydantic import Field, model_validator
 from shrink.console import progress
 from shrink.errors import BadInputError
 from shrink.methods.base import Context, StepResult, Strict, register
-from shrink.surgery import layers_of
+from shrink.methods.l0.latency_table import latency_cost
+from shrink.surgery import ffn_per_layer, heads_per_layer, layers_of
 from shrink.surgery.gates import Gates
 from shrink.surgery.plan import DropLayers
 
@@ -33,14 +34,16 @@ from shrink.surgery.plan import DropLayers
 class LayersTarget(Strict):
     layers_count: int | None = Field(None, ge=1, description="number of layers to remove")
     layers_fraction: float | None = Field(None, gt=0, lt=1, description="fraction of the layers to remove")
+    speedup: float | None = Field(None, gt=1, description="ONNX Runtime speedup (batch 1, 128 tokens, one thread) from the measured latency table: the fewest layers that reach it")
 
     @model_validator(mode="after")
     def exactly_one(self):
-        if (self.layers_count is None) == (self.layers_fraction is None):
-            raise ValueError("give exactly one of layers_count, layers_fraction")
+        if sum(v is not None for v in (self.layers_count, self.layers_fraction, self.speedup)) != 1:
+            raise ValueError("give exactly one of layers_count, layers_fraction, speedup")
         return self
 
     def count(self, total: int) -> int:
+        """Layers to remove for a count or fraction target (a speedup is priced by count_for_speedup)."""
         count = self.layers_count if self.layers_count is not None else round(self.layers_fraction * total)
         if count >= total:
             raise BadInputError(f"removing {count} of the model's {total} layers would leave none", hint="keep at least one layer")
@@ -91,12 +94,30 @@ def greedy_by_importance(ctx: Context, count: int, options: LayerDropOptions) ->
     return sorted(removed), rounds
 
 
+def count_for_speedup(model, speedup: float) -> tuple[int, dict]:
+    """The fewest layers whose removal the measured latency table predicts reaches `speedup`."""
+    cost, table = latency_cost(model)
+    heads, ffn = heads_per_layer(model), ffn_per_layer(model)
+    dense = cost.of_counts(heads, ffn)
+    for count in range(1, len(heads)):
+        kept = len(heads) - count  # every layer costs about the same; which ones go does not change the price
+        predicted = cost.of_counts(heads[:kept], ffn[:kept])
+        if predicted <= dense / speedup:
+            return count, {"predicted_speedup": round(dense / predicted, 3), "latency_table": table}
+    raise BadInputError(f"layers.drop cannot reach a {speedup}x speedup and keep a layer",
+                        hint="lower target.speedup")
+
+
 @register("layers.drop", options=LayerDropOptions, target=LayersTarget,
           smoke={"target": {"layers_count": 1}, "options": {"strategy": "importance", "calibration_samples": 4, "max_length": 16}})
 def drop_layers(ctx: Context, target: LayersTarget, options: LayerDropOptions) -> StepResult:
     """Remove whole layers: the top ones, or greedily the least important (then distill)."""
     total = len(layers_of(ctx.model))
-    count = target.count(total)
+    priced = {}
+    if target.speedup is not None:
+        count, priced = count_for_speedup(ctx.model, target.speedup)
+    else:
+        count = target.count(total)
     if options.strategy == "top":
         positions, rounds = list(range(total - count, total)), []
     elif options.strategy == "every_other":
@@ -106,5 +127,5 @@ def drop_layers(ctx: Context, target: LayersTarget, options: LayerDropOptions) -
         positions, rounds = greedy_by_importance(ctx, count, options)
     return StepResult(
         plan=[DropLayers(positions)],
-        stats={"strategy": options.strategy, "removed_layers": positions, "rounds": rounds},
+        stats={"strategy": options.strategy, "removed_layers": positions, "rounds": rounds, **priced},
     )

@@ -125,3 +125,21 @@ def test_layerdrop_zero_trains_exactly_as_before():
     distill_step(dropped, max_steps=3, layerdrop=0.0)
     for a, b in zip(plain.model.parameters(), dropped.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_speedup_target_removes_the_fewest_layers_that_reach_it(monkeypatch):
+    from shrink.methods.l0.hard_concrete import LinearCost
+
+    cost = LinearCost("latency_ms", base=1.0, att_fixed=0.5, per_head=1.0, ffn_fixed=0.5, per_neuron=0.1)
+    monkeypatch.setattr("shrink.methods.layers.latency_cost", lambda model: (cost, {"fake": True}))
+    ctx = context(layers=4)  # a layer costs 0.5 + 4 + 0.5 + 3.7 = 8.7 ms, the model 35.8 ms
+    result = step(ctx, {"speedup": 1.9})  # 2 layers left: 18.4 ms, 1.95x; 3 left: 27.1 ms, 1.32x
+    assert surgery.original_layer_ids(ctx.model) == [0, 1]
+    assert result.stats["predicted_speedup"] == pytest.approx(35.8 / 18.4, abs=1e-3)
+    with pytest.raises(BadInputError, match="cannot reach a 10.0x speedup"):
+        step(context(layers=4), {"speedup": 10})
+
+
+def test_target_takes_exactly_one_kind():
+    with pytest.raises(ValueError, match="exactly one of layers_count, layers_fraction, speedup"):
+        get_method("layers.drop").target(layers_count=1, speedup=2)

@@ -253,7 +253,7 @@ def test_recipes_and_target_validation():
     for name, speedup in (("posttrain", 2.0), ("posttrain-1.5x", 1.5)):
         recipe = load_recipe(name)
         method, options, target = validated(recipe.steps[0])
-        assert (method.name, target.speedup, options.calibration_samples) == ("posttrain", speedup, 1024)
+        assert (method.name, target.speedup, options.calibration_samples, options.tune) == ("posttrain", speedup, 1024, False)
     method = get_method("posttrain")
     with pytest.raises(ValueError, match="exactly one of speedup, params_fraction"):
         method.target(speedup=2, params_fraction=0.5)
