@@ -125,3 +125,9 @@ def test_offline_hub_id_fails_cleanly(monkeypatch):
 def test_debug_shows_traceback(tmp_path):
     result = invoke("--debug", "info", str(tmp_path / "nope"))
     assert result.exit_code != 0 and result.exception is not None
+
+
+def test_a_recipe_says_what_a_run_costs():
+    result = invoke("recipes", "posttrain-1.5x")
+    assert result.exit_code == 0, result.output
+    assert "expected time: about 3 min" in result.stdout
