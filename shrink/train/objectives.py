@@ -17,6 +17,8 @@ gates gives k independent scores in one pass (shrink.methods.heads.scoring relie
     hidden_mse        hidden-state MSE, student layer i against the teacher layer it came from
                       (shrink.surgery.original_layer_ids), so dropped layers are handled
     embedding_cosine  1 - cos of mean-pooled last hidden states (sentence embedding models)
+    teacher           the original's own output: logits_kl with a task head, else embedding_cosine
+                      (what a recipe names to distil any model; `[auto, teacher]` adds it to the labels)
 
 `choose_objective` picks the right one for the model and data; shrink.train.loop trains the student.
 """
@@ -198,6 +200,8 @@ def choose_objective(student, teacher, has_labels: bool, kind: str | None = None
     """The loss for this model and data: the task loss with labels and a classification head,
     logits KL with a task head and no labels, mean-pooled embedding cosine for base models."""
     head = task_head(student)
+    if kind == "teacher":
+        kind = "logits_kl" if head is not None else "embedding_cosine"
     if kind in (None, "auto"):
         if has_labels and head == "sequence":
             kind = "task"
@@ -219,13 +223,18 @@ def choose_objective(student, teacher, has_labels: bool, kind: str | None = None
         return HiddenMSE(teacher)
     if kind == "embedding_cosine":
         return EmbeddingCosine(teacher)
-    raise BadInputError(f"unknown loss {kind!r}", hint=f"choose from auto, {', '.join(KINDS)}")
+    raise BadInputError(f"unknown loss {kind!r}", hint=f"choose from auto, teacher, {', '.join(KINDS)}")
 
 
 def make_objective(student, teacher, has_labels: bool, kinds=("auto",), temperature: float = 2.0) -> Objective:
     """One objective, or the sum of several."""
     kinds = [kinds] if isinstance(kinds, str) else list(kinds) or ["auto"]
-    parts = [choose_objective(student, teacher, has_labels, k, temperature) for k in kinds]
+    parts, names = [], set()
+    for kind in kinds:
+        part = choose_objective(student, teacher, has_labels, kind, temperature)
+        if part.name not in names:  # `[auto, teacher]` on an unlabeled model is one loss, not twice the same
+            parts.append(part)
+            names.add(part.name)
     return parts[0] if len(parts) == 1 else SumObjective(parts)
 
 

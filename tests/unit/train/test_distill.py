@@ -223,3 +223,13 @@ def test_distill_step_early_stops_on_calibration_batches_never_the_report_split(
     assert history["evals"] and "eval_loss_before" in history
     plain, _ = run_step(ctx, method, method.options(epochs=1, lr=1e-3), method.target())
     assert not plain.stats["distill"].get("evals")
+
+
+@pytest.mark.parametrize("task, labels, expected", [
+    ("seq", True, "task+logits_kl"),
+    ("seq", False, "logits_kl"),
+    ("base", False, "embedding_cosine"),
+])
+def test_teacher_loss_is_the_originals_own_output_and_never_counted_twice(task, labels, expected):
+    model = tiny_model("bert", task=task)
+    assert make_objective(model, copy.deepcopy(model), labels, ["auto", "teacher"]).name == expected
