@@ -1,4 +1,5 @@
-"""layers.drop: top-layer dropping and greedy removal by measured damage, checked against physical removal."""
+"""layers.drop: top, every-other and speedup-priced dropping, greedy removal by measured damage and by
+representation similarity (both checked against physical removal), and LayerDrop training (distill)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from shrink.methods.catalog import get_method
 from shrink.prune.pipeline import run_step
 from shrink.train.objectives import choose_objective, objective_loss
 
-from helpers import method_context, tiny_config, tiny_inputs, write_model_and_data
+from helpers import method_context, sharp, tiny_config, tiny_inputs, write_model_and_data
 
 
 def context(arch="bert", layers=4):
@@ -61,6 +62,49 @@ def test_importance_is_greedy_by_the_loss_of_physical_removal(arch):
     assert [r["removed"] for r in result.stats["rounds"]] == [layer for layer, _ in expected]
     for got, (_, loss) in zip(result.stats["rounds"], expected):
         assert got["loss"] == pytest.approx(loss, abs=1e-5)  # a zero layer gate is exactly removal
+    assert surgery.original_layer_ids(ctx.model) == present
+
+
+def gram_cka(x, y):
+    """Linear CKA the textbook way (Kornblith et al. 2019): HSIC of the centred n x n Gram matrices."""
+    x, y = x.double(), y.double()
+    centre = torch.eye(len(x), dtype=torch.float64) - 1.0 / len(x)
+    k, l = centre @ x @ x.T @ centre, centre @ y @ y.T @ centre
+    return float((k * l).sum() / (k.norm() * l.norm()))
+
+
+def final_rows(model, batches, features):
+    """The dense reference's rows: unpadded tokens' final hidden states, or each example's mean of them."""
+    rows = []
+    with torch.no_grad():
+        for b in batches:
+            hidden, mask = model(**b).last_hidden_state, b["attention_mask"].bool()
+            rows.append(hidden[mask] if features == "tokens" else torch.stack([h[m].mean(0) for h, m in zip(hidden, mask)]))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("arch, features", [("bert", "tokens"), ("distilbert", "tokens"), ("bert", "mean")])
+def test_similarity_is_greedy_by_the_cka_of_physical_removal(arch, features):
+    ctx = context(arch, layers=4)
+    sharp(ctx.model, 4.0)  # tiny random layers barely move the residual stream; sharpened, CKA tells them apart
+    batches = ctx.calibration
+    dense = final_rows(ctx.model, batches, features)
+    # the reference: greedy with physical removal (surgery), CKA against the dense model, two rounds
+    model, present, expected = copy.deepcopy(ctx.model), [0, 1, 2, 3], []
+    for _ in range(2):
+        similarity = {}
+        for layer in present:
+            trial = copy.deepcopy(model)
+            surgery.drop_layers(trial, [present.index(layer)])
+            similarity[layer] = gram_cka(dense, final_rows(trial, batches, features))
+        best = max(similarity, key=similarity.get)
+        surgery.drop_layers(model, [present.index(best)])
+        present.remove(best)
+        expected.append((best, similarity[best]))
+    result = step(ctx, {"layers_count": 2}, strategy="similarity", features=features)
+    assert [r["removed"] for r in result.stats["rounds"]] == [layer for layer, _ in expected]
+    for got, (_, cka) in zip(result.stats["rounds"], expected):
+        assert got["cka"] == pytest.approx(cka, abs=1e-5)  # streamed CKA of gated layers = CKA of removal
     assert surgery.original_layer_ids(ctx.model) == present
 
 
