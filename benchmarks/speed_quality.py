@@ -93,6 +93,7 @@ ROWS = [
         ["steps.0.target.layers_fraction=null", "steps.0.target.layers_count=4"], training="3 epochs (the recipe's default)"),
     Row("l0-2x", "l0-structured", "speedup 2", "l0-structured", training="2 epochs gates + 1 recovery"),
     Row("l0-3x", "l0-structured", "speedup 3", "l0-structured", ["steps.0.target.speedup=3"], training="2 epochs gates + 1 recovery"),
+    Row("l0-4x", "l0-structured", "speedup 4", "l0-structured", ["steps.0.target.speedup=4"], training="2 epochs gates + 1 recovery"),
     Row("layerdrop-3", "LayerDrop-trained, cut", "every other, keep 3", build="layerdrop_cut:3", training="1 epoch, once for all depths"),
     Row("layerdrop-2", "LayerDrop-trained, cut", "every other, keep 2", build="layerdrop_cut:2", training="1 epoch, once for all depths"),
 ]
