@@ -130,4 +130,4 @@ def test_debug_shows_traceback(tmp_path):
 def test_a_recipe_says_what_a_run_costs():
     result = invoke("recipes", "posttrain-1.5x")
     assert result.exit_code == 0, result.output
-    assert "expected time: about 1-3 min" in result.stdout
+    assert "expected time: about 30 s" in result.stdout
