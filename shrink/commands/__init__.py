@@ -27,9 +27,22 @@ def cli_errors(json_output: bool = False):
     except typer.Exit:
         raise
     except Exception as exc:
+        if interrupted(exc):  # Ctrl-C inside a C extension's import (pybind11: ImportError from KeyboardInterrupt)
+            fail("nothing was written", 130, None, json_output, label="interrupted")
         if state["debug"]:
             raise
         fail(f"{type(exc).__name__}: {exc}", EXIT_INTERNAL, "rerun with --debug for the traceback", json_output, label="internal error")
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is behind this error (its cause or context, at any depth)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def one_line(text: str) -> str:

@@ -131,3 +131,22 @@ def test_a_recipe_says_what_a_run_costs():
     result = invoke("recipes", "posttrain-1.5x")
     assert result.exit_code == 0, result.output
     assert "expected time: about 30 s" in result.stdout
+
+
+def test_ctrl_c_inside_an_extension_import_is_an_interrupt(capsys):
+    """pybind11 turns a KeyboardInterrupt during a module's initialisation into ImportError."""
+    import typer
+
+    from shrink.commands import cli_errors
+
+    with pytest.raises(typer.Exit) as stopped:
+        with cli_errors():
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as exc:
+                raise ImportError("initialization failed") from exc
+    assert stopped.value.exit_code == 130
+    with pytest.raises(typer.Exit) as stopped:
+        with cli_errors():
+            raise ImportError("no module named onnx")
+    assert stopped.value.exit_code == 3
