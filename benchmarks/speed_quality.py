@@ -147,6 +147,21 @@ def layerdrop_cut(ctx, run_dir: Path, keep: str) -> list[dict]:
     return steps + [{"method": "layers.drop", "strategy": "every_other", "seconds": seconds, "stats": result.stats}]
 
 
+def export_and_score(ctx, out: Path) -> dict:
+    """The row's fp32 and int8 exports under `out`, and its test accuracy in torch and in int8."""
+    out.mkdir(parents=True, exist_ok=True)
+    fp32 = export_onnx(ctx.model, out / "model.onnx", tokenizer=ctx.tokenizer, parity_batches=ctx.evaluation[:2])
+    int8 = export_onnx(ctx.model, out / "model-int8.onnx", int8=True, tokenizer=ctx.tokenizer,
+                       parity_batches=ctx.evaluation[:4], min_agreement=INT8_MIN_AGREEMENT)
+    return {
+        "test_accuracy": test_accuracy(ctx),
+        "int8_test_accuracy": round(100 * evaluate(int8["path"], ctx.evaluation, progress=False)["accuracy"], 2),
+        "int8_settings": int8.get("int8_settings"), "int8_agreement": int8.get("agreement"),
+        "fp32_parity": fp32.get("max_abs_diff"),
+        "structure": {k: structure(ctx.model)[k] for k in ("heads_per_layer", "ffn_per_layer", "params_total")},
+    }
+
+
 def build_row(row: Row, task: str, run_dir: Path, seed: int) -> dict:
     os.environ["SHRINK_CACHE"] = tempfile.mkdtemp(prefix="shrink-speed-")  # a user's first run: no cached table
     session = build_session(str(teacher_dir(task)), task_settings(task, seed, data_split="train"))
@@ -161,16 +176,10 @@ def build_row(row: Row, task: str, run_dir: Path, seed: int) -> dict:
     out = run_dir / row.name
     if out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True)
-    fp32 = export_onnx(ctx.model, out / "model.onnx", tokenizer=ctx.tokenizer, parity_batches=ctx.evaluation[:2])
-    int8 = export_onnx(ctx.model, out / "model-int8.onnx", int8=True, tokenizer=ctx.tokenizer, parity_batches=ctx.evaluation[:4], min_agreement=INT8_MIN_AGREEMENT)
     figures = {
         "name": row.name, "method": row.method, "setting": row.setting, "training": row.training,
         "recipe": row.recipe, "overrides": row.overrides, "seconds": seconds, "steps": steps,
-        "test_accuracy": test_accuracy(ctx),
-        "int8_test_accuracy": round(100 * evaluate(int8["path"], ctx.evaluation, progress=False)["accuracy"], 2),
-        "int8_agreement": int8.get("agreement"), "fp32_parity": fp32.get("max_abs_diff"),
-        "structure": {k: structure(ctx.model)[k] for k in ("heads_per_layer", "ffn_per_layer", "params_total")},
+        **export_and_score(ctx, out),
     }
     (out / "row.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
     print(json.dumps({k: figures[k] for k in ("name", "seconds", "test_accuracy", "int8_test_accuracy")}), flush=True)
@@ -182,14 +191,8 @@ def build_dense(task: str, run_dir: Path, seed: int) -> dict:
     if (out / "row.json").exists():
         return json.loads((out / "row.json").read_text())
     ctx = build_session(str(teacher_dir(task)), task_settings(task, seed, data_split="validation")).ctx
-    out.mkdir(parents=True, exist_ok=True)
-    export_onnx(ctx.model, out / "model.onnx", tokenizer=ctx.tokenizer, parity_batches=ctx.evaluation[:2])
-    int8 = export_onnx(ctx.model, out / "model-int8.onnx", int8=True, tokenizer=ctx.tokenizer, parity_batches=ctx.evaluation[:4], min_agreement=INT8_MIN_AGREEMENT)
     figures = {"name": "dense", "method": "dense (the teacher)", "setting": "-", "training": "-", "seconds": 0.0,
-               "test_accuracy": test_accuracy(ctx),
-               "int8_test_accuracy": round(100 * evaluate(int8["path"], ctx.evaluation, progress=False)["accuracy"], 2),
-               "int8_settings": int8.get("int8_settings"), "int8_agreement": int8.get("agreement"),
-               "structure": {k: structure(ctx.model)[k] for k in ("heads_per_layer", "ffn_per_layer", "params_total")}}
+               **export_and_score(ctx, out)}
     (out / "row.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
     return figures
 
