@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         min_speedup: Annotated[Optional[float], typer.Option(help="Gate: every model's speedup over the baseline at least this, in every cell.")] = None,
         max_size_mb: Annotated[Optional[float], typer.Option(help="Gate: every model's file size at most this many MB.")] = None,
         max_quality_drop: Annotated[Optional[float], typer.Option(help="Gate (needs --data): primary metric at most this much below the baseline's.")] = None,
+        quality_metric: Annotated[Optional[str], typer.Option(help="The figure --max-quality-drop compares (default: the primary one); e.g. neighbour_recall.")] = None,
     ) -> None:
         """Benchmark models side by side: interleaved rounds, p50/p90/p99, ratios to the first model."""
         from shrink.commands import cli_errors
@@ -39,7 +40,9 @@ def register(app: typer.Typer) -> None:
             from shrink.errors import BadInputError
             from shrink.measure.bench import bench as run_bench
             from shrink.measure.bench.render import show, to_markdown
-            from shrink.measure.thresholds import bench_failures, raise_on_failures
+            from shrink.measure.thresholds import bench_failures, check_quality_metric, raise_on_failures
+
+            check_quality_metric(quality_metric)
 
             if max_quality_drop is not None and data is None:
                 raise BadInputError("--max-quality-drop needs --data to measure quality on")
@@ -58,7 +61,7 @@ def register(app: typer.Typer) -> None:
                 note(f"wrote {markdown}")
             raise_on_failures(bench_failures(
                 result, max_latency_ratio=max_latency_ratio, min_speedup=min_speedup,
-                max_size_mb=max_size_mb, max_quality_drop=max_quality_drop,
+                max_size_mb=max_size_mb, max_quality_drop=max_quality_drop, quality_metric=quality_metric,
             ))
 
 

@@ -16,6 +16,7 @@ METRICS = {  # result key: label in the table
     "top1_agreement": "top-1 agreement with teacher",
     "logits_kl": "KL(teacher || model)",
     "embedding_cosine": "embedding cosine with teacher",
+    "neighbour_recall": "recall@k of the teacher's nearest neighbours",
 }
 
 
@@ -34,6 +35,7 @@ def register(app: typer.Typer) -> None:
         samples: Annotated[Optional[int], typer.Option(min=1, help="Evaluate a seeded subset of this many examples.")] = None,
         max_length: Annotated[int, typer.Option(min=8, help="Truncate examples to this many tokens.")] = 128,
         batch_size: Annotated[int, typer.Option(min=1)] = 32,
+        neighbours: Annotated[int, typer.Option(min=1, help="k of neighbour_recall (embedding models with a teacher).")] = 10,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (torch models; ONNX runs on CPU).")] = "cpu",
         json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     ) -> None:
@@ -61,7 +63,7 @@ def register(app: typer.Typer) -> None:
             batches = batches_for(runner, examples, tok, max_length, batch_size)
             if teacher_runner is None and examples.labels is None:
                 note("note: no labels and no teacher, so there is nothing to score (pass --teacher REF or --label-column)")
-            result = evaluate(runner, batches, teacher=teacher_runner)
+            result = evaluate(runner, batches, teacher=teacher_runner, neighbours=neighbours)
             document = {"model": model, "teacher": teacher_ref, "data": data or "bundled corpus", **result}
             if json_output:
                 print_json(document)
@@ -142,6 +144,7 @@ def show(document: dict) -> None:
     table.add_column("value", justify="right")
     for key, label in METRICS.items():
         if key in document:
+            label = label.replace("@k", f"@{document.get('neighbour_k', 'k')}")
             table.add_row(label, _format(document[key]))
     if table.row_count:
         out.print(table)

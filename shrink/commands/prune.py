@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
         max_quality_drop: Annotated[Optional[float], typer.Option(help="Exit 1 if the held-out quality drops more than this.")] = None,
         min_speedup: Annotated[Optional[float], typer.Option(help="Exit 1 if the ONNX speedup (slim fp32 vs dense fp32) is below this.")] = None,
+        quality_metric: Annotated[Optional[str], typer.Option(help="The figure --max-quality-drop compares (default: accuracy, else Spearman, else embedding cosine / top-1 agreement); e.g. neighbour_recall.")] = None,
         json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON document on stdout.")] = False,
     ) -> None:
         """Apply recipes and write a slim checkpoint, model.onnx and a before/after report."""
@@ -40,13 +41,14 @@ def register(app: typer.Typer) -> None:
 
         with cli_errors(json_output):
             from shrink.errors import BadInputError
-            from shrink.measure.thresholds import prune_failures, raise_on_failures
+            from shrink.measure.thresholds import check_quality_metric, prune_failures, raise_on_failures
             from shrink.prune.pipeline import PruneSettings
             from shrink.prune.pipeline import prune as run_prune
             from shrink.prune.report import show
 
             if device not in ("cpu", "cuda"):
                 raise BadInputError(f"--device {device!r}: use cpu or cuda")
+            check_quality_metric(quality_metric)
             if int8 and no_export:
                 raise BadInputError("--int8 needs the ONNX export", hint="drop --no-export")
             settings = PruneSettings(
@@ -60,5 +62,5 @@ def register(app: typer.Typer) -> None:
             else:
                 show(report)
             # checked after everything is written, so a failing CI run still has the outputs to inspect
-            failures = prune_failures(report, max_quality_drop=max_quality_drop, min_speedup=min_speedup)
+            failures = prune_failures(report, max_quality_drop=max_quality_drop, min_speedup=min_speedup, quality_metric=quality_metric)
             raise_on_failures(failures, report["output"])

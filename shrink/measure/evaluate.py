@@ -10,6 +10,9 @@ Metrics, each present only when it applies:
     top1_agreement          share of argmax predictions equal to the teacher's (task heads)
     logits_kl               mean KL(teacher || model) of the softmax outputs (task heads)
     embedding_cosine        mean cosine of mean-pooled embeddings with the teacher's (base models)
+    neighbour_recall        share of each text's k nearest neighbours under the teacher (cosine, the
+                            other evaluation texts) that are also among its k nearest under the model:
+                            what a search index built on the model keeps (base models; k in neighbour_k)
 
 `model` and `teacher` are torch models or paths to .onnx files (run with onnxruntime, same metrics).
 """
@@ -146,10 +149,34 @@ def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
+NEIGHBOURS = 10  # k of neighbour_recall: a search result page
+
+
+def _top_neighbours(embeddings: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """[n, k] ids of each row's k most cosine-similar other rows (itself excluded), in row chunks so
+    that 10k texts need no 10k x 10k matrix at once."""
+    unit = F.normalize(embeddings.double(), dim=-1)  # float64: near-ties rank the same on torch and ONNX
+    ids = []
+    for start in range(0, len(unit), chunk):
+        similarity = unit[start:start + chunk] @ unit.T
+        rows = torch.arange(start, start + len(similarity))
+        similarity[rows - start, rows] = float("-inf")
+        ids.append(similarity.topk(k, dim=-1).indices)
+    return torch.cat(ids)
+
+
+def neighbour_recall(embeddings: torch.Tensor, teacher_embeddings: torch.Tensor, k: int = NEIGHBOURS) -> float:
+    """Mean over texts of |model's k nearest neighbours & teacher's k nearest| / k (recall@k of the
+    teacher's neighbours)."""
+    ours, theirs = _top_neighbours(embeddings, k), _top_neighbours(teacher_embeddings, k)
+    hits = (ours[:, :, None] == theirs[:, None, :]).any(dim=-1).sum(dim=-1)
+    return float(hits.double().mean() / k)
+
+
 # --- evaluation -------------------------------------------------------------------------------
 
 
-def evaluate(model, batches: list[dict] | None = None, *, examples=None, tokenizer=None, teacher=None, max_length: int = 128, batch_size: int = 32, progress: bool = True) -> dict:
+def evaluate(model, batches: list[dict] | None = None, *, examples=None, tokenizer=None, teacher=None, max_length: int = 128, batch_size: int = 32, progress: bool = True, neighbours: int = NEIGHBOURS) -> dict:
     """Task metrics and (with a teacher) fidelity, over all batches. See the module docstring."""
 
     runner = runner_for(model)
@@ -183,7 +210,7 @@ def evaluate(model, batches: list[dict] | None = None, *, examples=None, tokeniz
     if labels:
         result.update(task_metrics(outputs, torch.cat(labels), pair_cos, runner.kind))
     if teacher_runner is not None:
-        result.update(fidelity(outputs, teacher_outputs, masks, runner.kind))
+        result.update(fidelity(outputs, teacher_outputs, masks, runner.kind, neighbours))
     return result
 
 
@@ -201,10 +228,14 @@ def task_metrics(outputs: list[torch.Tensor], labels: torch.Tensor, pair_cos: li
     return {"accuracy": float((predictions == gold).mean()), "macro_f1": macro_f1(predictions, gold)}
 
 
-def fidelity(outputs: list[torch.Tensor], teacher_outputs: list[torch.Tensor], masks: list[torch.Tensor], kind: str) -> dict:
+def fidelity(outputs: list[torch.Tensor], teacher_outputs: list[torch.Tensor], masks: list[torch.Tensor], kind: str, neighbours: int = NEIGHBOURS) -> dict:
     if kind == "embedding":
         cos = torch.cat([F.cosine_similarity(o, t, dim=-1) for o, t in zip(outputs, teacher_outputs)])
-        return {"embedding_cosine": float(cos.mean())}
+        result = {"embedding_cosine": float(cos.mean())}
+        k = min(neighbours, len(cos) - 1)  # a tiny evaluation set still ranks what it has
+        if k >= 1:
+            result.update(neighbour_recall=neighbour_recall(torch.cat(outputs), torch.cat(teacher_outputs), k), neighbour_k=k)
+        return result
     agree, kl, count = 0.0, 0.0, 0
     for out, t, mask in zip(outputs, teacher_outputs, masks):
         if out.shape[-1] == 1:  # regression: no distribution to compare; agreement is meaningless

@@ -3,7 +3,8 @@
 commands raise ThresholdFailedError (exit 1) after everything is written.
 
 The quality figure compared is the primary one: accuracy with labels, else Spearman with gold
-pairs, else the fidelity to the original (embedding cosine, or top-1 agreement of a task head).
+pairs, else the fidelity to the original (embedding cosine, or top-1 agreement of a task head);
+`--quality-metric NAME` picks another (e.g. neighbour_recall, what a search index keeps).
 """
 
 from __future__ import annotations
@@ -11,21 +12,33 @@ from __future__ import annotations
 from shrink.errors import ThresholdFailedError
 
 PRIMARY_QUALITY = ("accuracy", "spearman", "embedding_cosine", "top1_agreement")
+# every figure --quality-metric may name: higher is better for all of them
+QUALITY_METRICS = ("accuracy", "macro_f1", "spearman", "embedding_cosine", "neighbour_recall", "top1_agreement")
 
 
-def primary_quality(quality: dict | None) -> tuple[str, float] | None:
-    """(name, value) of the one number --max-quality-drop compares, or None."""
-    for key in PRIMARY_QUALITY:
+def check_quality_metric(metric: str | None) -> None:
+    """Bad input (exit 2) for a --quality-metric that no evaluation produces."""
+    if metric is not None and metric not in QUALITY_METRICS:
+        from shrink.errors import BadInputError
+
+        raise BadInputError(f"--quality-metric {metric!r} is not a quality figure", hint=f"choose from {', '.join(QUALITY_METRICS)}")
+
+
+def primary_quality(quality: dict | None, metric: str | None = None) -> tuple[str, float] | None:
+    """(name, value) of the one number --max-quality-drop compares (`metric`, else the primary), or None."""
+    for key in (metric,) if metric else PRIMARY_QUALITY:
         if quality and quality.get(key) is not None:
             return key, float(quality[key])
     return None
 
 
-def quality_drop(reference: dict | None, measured: dict | None, max_drop: float, name: str = "") -> list[str]:
-    """A miss when the primary quality fell by more than max_drop (or the figures cannot be compared)."""
+def quality_drop(reference: dict | None, measured: dict | None, max_drop: float, name: str = "", metric: str | None = None) -> list[str]:
+    """A miss when the quality figure fell by more than max_drop (or the figures cannot be compared)."""
     prefix = f"{name}: " if name else ""
-    before, after = primary_quality(reference), primary_quality(measured)
+    before, after = primary_quality(reference, metric), primary_quality(measured, metric)
     if before is None or after is None or before[0] != after[0]:
+        if metric:
+            return [f"{prefix}{metric} was not measured (it needs data it applies to, e.g. neighbour_recall an embedding model)"]
         return [f"{prefix}no comparable quality figure (pass --data)"]
     drop = before[1] - after[1]
     if drop > max_drop:
@@ -33,7 +46,7 @@ def quality_drop(reference: dict | None, measured: dict | None, max_drop: float,
     return []
 
 
-def bench_failures(result: dict, *, max_latency_ratio=None, min_speedup=None, max_size_mb=None, max_quality_drop=None) -> list[str]:
+def bench_failures(result: dict, *, max_latency_ratio=None, min_speedup=None, max_size_mb=None, max_quality_drop=None, quality_metric=None) -> list[str]:
     """Misses of a shrink bench result. Thresholds judge the compared models (all but the baseline;
     the baseline itself when it is the only model), in every (batch, seq) cell."""
     models = result["models"]
@@ -49,7 +62,7 @@ def bench_failures(result: dict, *, max_latency_ratio=None, min_speedup=None, ma
         if max_size_mb is not None and model["size_mb"] is not None and model["size_mb"] > max_size_mb:
             failures.append(f"{model['name']}: size {model['size_mb']:.3f} MB > {max_size_mb} MB")
         if max_quality_drop is not None:
-            failures += quality_drop(baseline.get("quality"), model.get("quality"), max_quality_drop, model["name"])
+            failures += quality_drop(baseline.get("quality"), model.get("quality"), max_quality_drop, model["name"], quality_metric)
     return failures
 
 
@@ -61,11 +74,11 @@ def prune_speedup(report: dict) -> float | None:
         return None
 
 
-def prune_failures(report: dict, *, max_quality_drop=None, min_speedup=None) -> list[str]:
+def prune_failures(report: dict, *, max_quality_drop=None, min_speedup=None, quality_metric=None) -> list[str]:
     """Misses of a shrink prune report: quality on the held-out split, before vs after."""
     failures = []
     if max_quality_drop is not None:
-        failures += quality_drop(report["quality"]["before"], report["quality"]["after"], max_quality_drop)
+        failures += quality_drop(report["quality"]["before"], report["quality"]["after"], max_quality_drop, metric=quality_metric)
     if min_speedup is not None:
         measured = prune_speedup(report)
         if measured is None:

@@ -27,7 +27,7 @@ class DistillOptions(Strict):
     grad_clip: float = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)
     early_stop_patience: int | None = Field(None, ge=1, description="evaluations without improvement before stopping")
-    loss: list[Literal["auto", "task", "logits_kl", "hidden_mse", "embedding_cosine", "teacher"]] = Field(default_factory=lambda: ["auto"])
+    loss: list[Literal["auto", "task", "logits_kl", "hidden_mse", "embedding_cosine", "embedding_relation", "teacher"]] = Field(default_factory=lambda: ["auto"])
     dropout: bool = Field(True, description="train with the model's dropout; false for near-lossless recovery, where its noise exceeds the gap")
     layerdrop: float = Field(0.0, ge=0, lt=1, description="LayerDrop: probability that a layer is bypassed in a training step (Fan et al. 2020); 0 = off")
 

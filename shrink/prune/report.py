@@ -38,7 +38,7 @@ def headline_rows(report: dict) -> list[tuple[str, str, str, str]]:
     return rows + int8_rows(onnx.get("int8") if onnx else None, q_before)
 
 
-QUALITY_KEYS = ("accuracy", "macro_f1", "spearman", "embedding_cosine", "top1_agreement")
+QUALITY_KEYS = ("accuracy", "macro_f1", "spearman", "embedding_cosine", "neighbour_recall", "top1_agreement")
 
 
 def int8_rows(int8: dict | None, fp32_before: dict) -> list[tuple[str, str, str, str]]:

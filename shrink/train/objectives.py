@@ -17,8 +17,13 @@ gates gives k independent scores in one pass (shrink.methods.heads.scoring relie
     hidden_mse        hidden-state MSE, student layer i against the teacher layer it came from
                       (shrink.surgery.original_layer_ids), so dropped layers are handled
     embedding_cosine  1 - cos of mean-pooled last hidden states (sentence embedding models)
-    teacher           the original's own output: logits_kl with a task head, else embedding_cosine
-                      (what a recipe names to distil any model; `[auto, teacher]` adds it to the labels)
+    embedding_relation  relational KD: KL between the teacher's and the student's softmaxed cosine
+                      similarities of each sample to a bank of teacher embeddings (this batch and a
+                      queue of recent ones), so the distances BETWEEN texts are kept, not only each
+                      text's direction (neighbour recall)
+    teacher           the original's own output: logits_kl with a task head, else embedding_cosine +
+                      embedding_relation (what a recipe names to distil any model; `[auto, teacher]`
+                      adds it to the labels). `auto` on an embedding model is the same sum.
 
 `choose_objective` picks the right one for the model and data; shrink.train.loop trains the student.
 """
@@ -33,7 +38,7 @@ from shrink.errors import BadInputError
 from shrink.surgery import original_layer_ids
 from shrink.train.device import to_device
 
-KINDS = ("task", "logits_kl", "hidden_mse", "embedding_cosine")
+KINDS = ("task", "logits_kl", "hidden_mse", "embedding_cosine", "embedding_relation")
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -165,6 +170,46 @@ class EmbeddingCosine(Objective):
         return 1 - F.cosine_similarity(embedding, targets["embedding"], dim=-1)
 
 
+class TeacherBank:
+    """Teacher embeddings a relational loss compares each sample with. Not a tensor on purpose:
+    scoring tiles every tensor of the targets k times (shrink.methods.heads.scoring), and the bank
+    is shared by all rows, not one per row."""
+
+    def __init__(self, embeddings: torch.Tensor):
+        self.embeddings = embeddings
+
+
+class EmbeddingRelation(Objective):
+    """KL(softmax(cos(t_i, B) / T) || softmax(cos(s_i, B) / T)) for each sample i, with B the bank of
+    teacher embeddings: this batch's and a FIFO queue of the last `queue_size` (MoCo / CompRess-style
+    memory, so each sample sees many negatives with small batches). Comparing the student with the
+    TEACHER's bank, not with its own batch, keeps the loss per sample (no row mixes with another
+    row's student output), which the gate-scoring methods need."""
+
+    name = "embedding_relation"
+
+    def __init__(self, teacher, temperature: float = 0.05, queue_size: int = 4096):
+        super().__init__(teacher)
+        self.temperature, self.queue_size = temperature, queue_size
+        self.queue: torch.Tensor | None = None
+
+    def needs_hidden(self, model):
+        return task_head(model) is not None
+
+    def target_of(self, output, batch):
+        embedding = F.normalize(mean_pool(_last_hidden_of(self.teacher, output), batch["attention_mask"]).float(), dim=-1)
+        bank = embedding if self.queue is None else torch.cat([embedding, self.queue.to(embedding.device)])
+        self.queue = bank[: self.queue_size].detach()
+        return {"embedding": embedding, "bank": TeacherBank(bank)}
+
+    def loss_of(self, student, output, batch, targets):
+        student_embedding = F.normalize(mean_pool(_last_hidden_of(student, output), batch["attention_mask"]).float(), dim=-1)
+        bank = targets["bank"].embeddings
+        student_logp = F.log_softmax(student_embedding @ bank.T / self.temperature, dim=-1)
+        teacher_logp = F.log_softmax(targets["embedding"] @ bank.T / self.temperature, dim=-1)
+        return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(dim=-1)
+
+
 class SumObjective(Objective):
     """Several objectives added, each times its weight (e.g. `loss: [logits_kl, hidden_mse]` in a
     recipe): one student and one teacher forward pass serve every part."""
@@ -198,17 +243,19 @@ class SumObjective(Objective):
 
 def choose_objective(student, teacher, has_labels: bool, kind: str | None = None, temperature: float = 2.0) -> Objective:
     """The loss for this model and data: the task loss with labels and a classification head,
-    logits KL with a task head and no labels, mean-pooled embedding cosine for base models."""
+    logits KL with a task head and no labels, embedding cosine + relation for base models."""
     head = task_head(student)
     if kind == "teacher":
-        kind = "logits_kl" if head is not None else "embedding_cosine"
+        kind = "logits_kl" if head is not None else "embedding_geometry"
     if kind in (None, "auto"):
         if has_labels and head == "sequence":
             kind = "task"
         elif head is not None:
             kind = "logits_kl"
         else:
-            kind = "embedding_cosine"
+            kind = "embedding_geometry"
+    if kind == "embedding_geometry":  # an embedding model keeps its direction AND its neighbours
+        return SumObjective([EmbeddingCosine(teacher), EmbeddingRelation(teacher)])
     if kind == "task":
         if not has_labels:
             raise BadInputError("the task loss needs labeled data", hint="pass --data FILE --label-column NAME, or use logits_kl")
@@ -223,6 +270,8 @@ def choose_objective(student, teacher, has_labels: bool, kind: str | None = None
         return HiddenMSE(teacher)
     if kind == "embedding_cosine":
         return EmbeddingCosine(teacher)
+    if kind == "embedding_relation":
+        return EmbeddingRelation(teacher)
     raise BadInputError(f"unknown loss {kind!r}", hint=f"choose from auto, teacher, {', '.join(KINDS)}")
 
 

@@ -122,6 +122,14 @@ def test_quality_gate_exits_1_after_writing(setup, tmp_path):
     assert (tmp_path / "o" / "report.json").exists()
 
 
+def test_quality_gate_on_neighbour_recall(setup, tmp_path):
+    result = prune(setup, tmp_path / "o", "--max-quality-drop", "1", "--quality-metric", "neighbour_recall", "--json")
+    assert result.exit_code == 0, result.output
+    after = json.loads(result.stdout)["quality"]["after"]
+    assert 0 <= after["neighbour_recall"] <= 1 and after["neighbour_k"] >= 1
+    assert_exit(prune(setup, tmp_path / "p", "--quality-metric", "recall"), 2, "not a quality figure", "neighbour_recall")
+
+
 def test_speedup_gate_without_export(setup, tmp_path):
     assert_exit(prune(setup, tmp_path / "o", "--min-speedup", "1.5"), 1, "no speedup was measured")
 

@@ -185,7 +185,7 @@ def test_l0_loss_is_the_shared_objectives_with_one_forward_pass():
     options = L0Options(hidden_weight=0.25)
     objective = l0_objective(seq, seq, ["task", "distill", "hidden_mse"], options)
     assert objective.name == "task+logits_kl+hidden_mse" and objective.weights == [1.0, 1.0, 0.25]
-    assert l0_objective(base, base, ["distill", "hidden_mse"], options).name == "embedding_cosine+hidden_mse"
-    assert l0_objective(base, base, ["distill", "hidden_mse"], L0Options(hidden_weight=0)).name == "embedding_cosine"
+    assert l0_objective(base, base, ["distill", "hidden_mse"], options).name == "embedding_cosine+embedding_relation+hidden_mse"
+    assert l0_objective(base, base, ["distill", "hidden_mse"], L0Options(hidden_weight=0)).name == "embedding_cosine+embedding_relation"
     with pytest.raises(BadInputError, match="no loss left"):
         l0_objective(base, base, ["hidden_mse"], L0Options(hidden_weight=0))

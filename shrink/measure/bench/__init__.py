@@ -40,7 +40,7 @@ from shrink.errors import BadInputError
 from shrink.measure.bench.env import environment, process_peak_rss_mb
 from shrink.measure.bench.targets import Target, load_target, static_figures, unique_names
 from shrink.measure.bench.timing import random_feed, summarize, time_cell
-from shrink.measure.evaluate import evaluate, runner_for
+from shrink.measure.evaluate import NEIGHBOURS, evaluate, runner_for
 
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -119,7 +119,11 @@ def quality(targets: list[Target], data_batches) -> list[dict]:
     runners = [runner_for(t.runner_source) for t in targets]
     batches = data_batches(runners[0]) if callable(data_batches) else data_batches
     results = [evaluate(runners[0], batches)]
-    results[0].update({"embedding_cosine": 1.0} if runners[0].kind == "embedding" else {"top1_agreement": 1.0, "logits_kl": 0.0})
+    if runners[0].kind == "embedding":  # the baseline against itself, by definition
+        n = results[0]["samples"]
+        results[0].update(embedding_cosine=1.0, **({"neighbour_recall": 1.0, "neighbour_k": min(NEIGHBOURS, n - 1)} if n > 1 else {}))
+    else:
+        results[0].update(top1_agreement=1.0, logits_kl=0.0)
     for runner in runners[1:]:
         results.append(evaluate(runner, batches, teacher=runners[0]))
     return results

@@ -37,9 +37,19 @@ def static_rows(result: dict) -> list[tuple[str, ...]]:
         primary = primary_quality(model.get("quality"))
         rows.append((
             model["name"], f"{model['params_total'] / 1e6:.2f}M", flops, _num(model["size_mb"]),
-            f"{primary[0]} {primary[1]:.4f}" if primary else "",
+            _quality_text(primary, model.get("quality")),
         ))
     return rows
+
+
+def _quality_text(primary, quality: dict | None) -> str:
+    """The primary figure, and for embedding models the neighbour recall beside the cosine."""
+    if not primary:
+        return ""
+    text = f"{primary[0]} {primary[1]:.4f}"
+    if quality.get("neighbour_recall") is not None and primary[0] != "neighbour_recall":
+        text += f", recall@{quality.get('neighbour_k', 10)} {quality['neighbour_recall']:.4f}"
+    return text
 
 
 def settings_line(result: dict) -> str:

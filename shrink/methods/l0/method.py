@@ -149,8 +149,8 @@ def loss_terms(kinds, model, has_labels: bool) -> list[str]:
 
 def l0_objective(model, teacher, terms: list[str], options: L0Options) -> Objective:
     """The training loss of `terms` from shrink.train.objectives, one forward pass per model for all:
-    "distill" is the logits KL with a task head, the mean-pooled embedding cosine without one."""
-    distill = "logits_kl" if task_head(model) is not None else "embedding_cosine"
+    "distill" is the logits KL with a task head, embedding cosine + relation without one."""
+    distill = "teacher"  # logits KL with a task head, embedding cosine + relation without
     parts, weights = [], []
     for term in terms:
         if term == "hidden_mse" and options.hidden_weight == 0:

@@ -252,6 +252,10 @@ def test_cli_quality_gate(dirs):
     assert impossible.exit_code == 1 and "accuracy dropped" in impossible.output
     generous = invoke(dirs["full"], dirs["slim"], *FAST_CLI, "--data", dirs["data"], "--label-column", "label", "--max-quality-drop", 2, "--max-latency-ratio", 1000)
     assert generous.exit_code == 0, generous.output
+    by_f1 = invoke(dirs["full"], dirs["slim"], *FAST_CLI, "--data", dirs["data"], "--label-column", "label", "--max-quality-drop", -2, "--quality-metric", "macro_f1")
+    assert by_f1.exit_code == 1 and "macro_f1 dropped" in by_f1.output
+    not_measured = invoke(dirs["full"], dirs["slim"], *FAST_CLI, "--data", dirs["data"], "--label-column", "label", "--max-quality-drop", 2, "--quality-metric", "neighbour_recall")
+    assert not_measured.exit_code == 1 and "neighbour_recall was not measured" in not_measured.output
 
 
 def _foreign_onnx(path):

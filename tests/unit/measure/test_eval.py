@@ -99,6 +99,22 @@ def test_classification_metrics_and_fidelity():
     assert against["logits_kl"] > 1e-4 and "embedding_cosine" not in against
 
 
+def test_neighbour_recall_counts_the_teachers_neighbours_kept():
+    from shrink.measure.evaluate import neighbour_recall
+
+    torch.manual_seed(0)
+    teacher = torch.randn(200, 16)
+    assert neighbour_recall(teacher, teacher) == 1.0
+    assert neighbour_recall(3 * teacher, teacher) == 1.0  # cosine neighbours: scale does not matter
+    assert neighbour_recall(torch.randn(200, 16), teacher) < 0.15  # chance is 10 / 199
+    # by hand: 4 points on a line, k=1; the student swaps which of 1 and 2 is nearest to 0 (only)
+    t = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.6], [0.0, 1.0]])
+    s = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6], [0.0, 1.0]])
+    nearest = lambda x: [max((j for j in range(4) if j != i), key=lambda j: float(torch.nn.functional.cosine_similarity(x[i], x[j], dim=0))) for i in range(4)]  # noqa: E731
+    expected = sum(a == b for a, b in zip(nearest(s), nearest(t))) / 4
+    assert neighbour_recall(s, t, k=1) == expected < 1
+
+
 def test_embedding_model_pairs_give_spearman_and_cosine():
     model = sharp(tiny_model("bert"))
     ex = Examples(["the cat sat", "a dog ran", "cats sit", "rain falls"], pairs=["a cat sat", "the sea", "dogs run", "it rains"], labels=[4.0, 1.0, 2.5, 3.0])
@@ -190,6 +206,7 @@ def test_cli_slim_checkpoint_defaults_to_its_source_as_teacher(dirs, tmp_path):
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert document["teacher"] == dirs["base"] and 0 < document["embedding_cosine"] < 0.9999
+    assert 0 <= document["neighbour_recall"] <= 1 and document["neighbour_k"] == min(10, document["samples"] - 1)
 
 
 def test_cli_too_many_samples_warns_and_uses_what_exists(dirs):

@@ -17,7 +17,7 @@ from shrink.train.objectives import choose_objective, make_objective
 
 from helpers import sharp, tiny_inputs, tiny_model, tiny_tokenizer
 
-HEADS = {"base": ["embedding_cosine", "hidden_mse"], "seq": ["logits_kl", "hidden_mse", "embedding_cosine"], "tok": ["logits_kl"], "qa": ["logits_kl"]}
+HEADS = {"base": ["embedding_cosine", "embedding_relation", "hidden_mse"], "seq": ["logits_kl", "hidden_mse", "embedding_cosine", "embedding_relation"], "tok": ["logits_kl"], "qa": ["logits_kl"]}
 
 
 def pruned(model):
@@ -54,7 +54,7 @@ def test_task_loss_is_cross_entropy_per_sample():
 
 def test_auto_choice_and_refusals():
     base, seq, tok = tiny_model("bert"), tiny_model("bert", "seq"), tiny_model("bert", "tok")
-    assert choose_objective(base, base, has_labels=False).name == "embedding_cosine"
+    assert choose_objective(base, base, has_labels=False).name == "embedding_cosine+embedding_relation"
     assert choose_objective(seq, seq, has_labels=False).name == "logits_kl"
     assert choose_objective(seq, seq, has_labels=True).name == "task"
     assert choose_objective(tok, tok, has_labels=True).name == "logits_kl"  # labels are per example, not per token
@@ -83,7 +83,7 @@ def test_hidden_mse_maps_layers_to_their_originals():
     assert (loss_of(objective, first_dropped, batch) > 1e-4).all()
 
 
-@pytest.mark.parametrize("kind", ["embedding_cosine", "hidden_mse"])
+@pytest.mark.parametrize("kind", ["embedding_cosine", "embedding_relation", "hidden_mse"])
 def test_per_sample_with_repeated_batch_and_gates_equals_physical_removal(kind):
     teacher = tiny_model("bert")
     batch = tiny_inputs(teacher, batch=2)
@@ -228,7 +228,7 @@ def test_distill_step_early_stops_on_calibration_batches_never_the_report_split(
 @pytest.mark.parametrize("task, labels, expected", [
     ("seq", True, "task+logits_kl"),
     ("seq", False, "logits_kl"),
-    ("base", False, "embedding_cosine"),
+    ("base", False, "embedding_cosine+embedding_relation"),
 ])
 def test_teacher_loss_is_the_originals_own_output_and_never_counted_twice(task, labels, expected):
     model = tiny_model("bert", task=task)
