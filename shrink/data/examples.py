@@ -51,7 +51,7 @@ def read_examples(source: str | None, text_column=None, text_pair_column=None, l
     if source is None or source in corpus.NAMES:
         if text_pair_column or label_column:
             raise BadInputError("the bundled corpus is plain sentences: it has no pair or label column", hint="pass --data FILE")
-        return Examples(corpus.sentences())
+        return Examples(corpus.sentences(source or "bundled"))  # "austen": its fiction block only
     path = Path(source).expanduser()
     suffix = _file_type(path)
     if path.is_dir():
