@@ -102,8 +102,12 @@ def _torch_outputs(model, feed: dict, outputs: list[str]) -> list[np.ndarray]:
     return [getattr(result, name).float().numpy() for name in outputs]
 
 
+PARITY_RTOL = 1e-4  # float32 kernels differ by rounding that grows with the values (hidden states of ~10)
+
+
 def check_parity(model, onnx_path: Path, feeds, outputs: list[str], atol: float) -> dict[str, float]:
-    """Max abs difference per input set; InternalError on the first above atol."""
+    """Max abs difference per input set; InternalError on the first element off by more than
+    atol + PARITY_RTOL * |torch value| (numpy's allclose rule)."""
     sess = session(onnx_path)
     diffs = {}
     for description, feed in feeds:
@@ -111,10 +115,11 @@ def check_parity(model, onnx_path: Path, feeds, outputs: list[str], atol: float)
         got = sess.run(outputs, graph_feed(sess, feed))
         worst = 0.0
         for name, e, o in zip(outputs, expected, got):
-            diff = float(np.abs(e - o).max())
-            if not diff <= atol:  # also catches NaN
+            error = np.abs(e - o)
+            diff = float(error.max())
+            if not (error <= atol + PARITY_RTOL * np.abs(e)).all():  # also catches NaN
                 raise InternalError(
-                    f"ONNX parity failed: output {name!r} differs from torch by {diff:.3g} (> {atol}) on {description}",
+                    f"ONNX parity failed: output {name!r} differs from torch by {diff:.3g} (> {atol} + {PARITY_RTOL} x |value|) on {description}",
                     hint="report this with `shrink info` of the model; try --opset 17 without --optimize",
                 )
             worst = max(worst, diff)

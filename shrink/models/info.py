@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shrink.surgery import runtime
-from shrink.surgery.ops import adapter_of, ffn_per_layer, heads_per_layer, layers_of, original_layer_ids
+from shrink.surgery.ops import adapter_of, ffn_per_layer, head_size, heads_per_layer, hidden_size, layers_of, original_layer_ids
 
 
 def _count(module) -> int:
@@ -74,8 +74,8 @@ def describe(model, resolved: str | None = None) -> dict:
         "original_layers": original_layer_ids(model),
         "heads_per_layer": heads_per_layer(model),
         "ffn_per_layer": ffn_per_layer(model),
-        "hidden_size": getattr(config, adapter.hidden_size_attr),
-        "head_size": getattr(config, adapter.hidden_size_attr) // getattr(config, adapter.num_heads_attr),
+        "hidden_size": hidden_size(model),  # the stream's width now: a hidden op narrows it, the config keeps the original
+        "head_size": head_size(model),
         "vocab_size": config.vocab_size,
         "max_positions": getattr(config, adapter.max_positions_attr, None),
         "params": params,

@@ -12,21 +12,25 @@ from shrink.surgery.ops import (
     factorize_word_embeddings,
     ffn_per_layer,
     heads_per_layer,
+    hidden_size,
     install_word_embeddings,
     layers_of,
     manifest_of,
+    original_hidden_ids,
     original_layer_ids,
     prune_ffn,
     prune_heads,
+    prune_hidden,
     replace_word_embeddings,
     word_embeddings_of,
 )
-from shrink.surgery.plan import DropLayers, KeepFFN, KeepHeads, LowRank, ReplaceEmbedding, apply
+from shrink.surgery.plan import DropLayers, KeepFFN, KeepHeads, KeepHidden, LowRank, ReplaceEmbedding, apply
 
 __all__ = [
     "DropLayers",
     "KeepFFN",
     "KeepHeads",
+    "KeepHidden",
     "LowRank",
     "ReplaceEmbedding",
     "adapter_of",
@@ -38,12 +42,15 @@ __all__ = [
     "factorize_word_embeddings",
     "ffn_per_layer",
     "heads_per_layer",
+    "hidden_size",
     "install_word_embeddings",
     "layers_of",
     "manifest_of",
+    "original_hidden_ids",
     "original_layer_ids",
     "prune_ffn",
     "prune_heads",
+    "prune_hidden",
     "replace_word_embeddings",
     "word_embeddings_of",
 ]

@@ -4,7 +4,7 @@ Every function here takes a plan in terms of the model as it is NOW (current lay
 current head/neuron positions), physically removes or factorizes the weights, and appends an op to
 the manifest in `model.config.shrink` (in ORIGINAL layer and head ids, see runtime.py) so the slim
 model can be rebuilt from the original config. Removal is exact: the result equals the original with
-the removed parts gated to zero.
+the removed parts gated to zero (except hidden dims: the LayerNorms then normalise fewer dims).
 """
 
 from __future__ import annotations
@@ -58,8 +58,19 @@ def original_layer_ids(model: nn.Module) -> list[int]:
 
 
 def head_size(model: nn.Module) -> int:
+    """Per-head width, from the ORIGINAL config (which a hidden op leaves unchanged: heads keep their size)."""
     adapter = adapter_of(model)
     return getattr(model.config, adapter.hidden_size_attr) // getattr(model.config, adapter.num_heads_attr)
+
+
+def hidden_size(model: nn.Module) -> int:
+    """The residual stream's width now (the config keeps the original one; see prune_hidden)."""
+    return len(original_hidden_ids(model))
+
+
+def original_hidden_ids(model: nn.Module) -> list[int]:
+    adapter = adapter_of(model)
+    return runtime.kept_hidden_ids(manifest_of(model), getattr(model.config, adapter.hidden_size_attr))
 
 
 def heads_per_layer(model: nn.Module) -> list[int]:
@@ -194,6 +205,35 @@ def prune_ffn(model: nn.Module, keep: dict[int, list[int]]) -> None:
                 with torch.no_grad():
                     get_module(layer, adapter.ffn_blocks[-1]).bias.copy_(bias)
         manifest["ops"].append({"op": "ffn", "layer": layer_ids[position], "size": len(kept)})
+
+
+# --- hidden dims ----------------------------------------------------------------------------------
+
+
+def prune_hidden(model: nn.Module, keep: list[int]) -> None:
+    """Keep only hidden dims `keep` (current positions, ascending, non-empty) of the residual stream, in
+    the embeddings, every layer and the task head (runtime.slice_hidden), as CoFi prunes its hidden
+    dims. Not exact: every LayerNorm on the stream now normalises over the kept dims only. Heads keep
+    their size, FFNs their neurons; ELECTRA's smaller embeddings keep theirs (embeddings_project
+    loses rows). A base (embedding) model's output gets narrower: a method for embedding models has
+    to avoid that itself."""
+    adapter, manifest = adapter_of(model), manifest_of(model)
+    before = original_hidden_ids(model)
+    keep = [int(k) for k in keep]
+    if not keep:
+        raise BadInputError("KeepHidden: keep at least one hidden dim")
+    if keep != sorted(set(keep)):
+        raise BadInputError(f"KeepHidden: hidden dims must be ascending without duplicates, got {keep}")
+    if not 0 <= keep[0] <= keep[-1] < len(before):
+        raise BadInputError(f"KeepHidden: hidden dims {[k for k in keep if not 0 <= k < len(before)]} out of range (the model has {len(before)})")
+    if len(keep) == len(before):
+        return
+    try:  # refuses (compressed word embeddings on the stream, an unknown head) before it changes anything
+        runtime.slice_hidden(adapter, model, torch.tensor(keep, dtype=torch.long))
+    except ValueError as exc:
+        hint = "prune the hidden dims before replacing the word embeddings" if "embeddings" in str(exc) else None
+        raise BadInputError(f"KeepHidden: {exc}", hint=hint) from None
+    manifest["ops"].append({"op": "hidden", "keep": [before[k] for k in keep]})
 
 
 # --- layers -------------------------------------------------------------------------------------

@@ -43,6 +43,14 @@ class DropLayers:
 
 
 @dataclass(frozen=True)
+class KeepHidden:
+    """The hidden dims (of the residual stream) to keep, current positions, ascending, non-empty:
+    sliced everywhere (CoFi's hidden-dim pruning; see shrink.surgery.ops.prune_hidden)."""
+
+    keep: list[int]
+
+
+@dataclass(frozen=True)
 class LowRank:
     """The Linear at `path` (from the base model, current layer positions) as a rank-`rank` pair.
     `factors`: precomputed (first, second) or (first, second, bias) for the matrix as it is when this
@@ -101,6 +109,11 @@ def apply_keep_ffn(model: nn.Module, op: KeepFFN) -> None:
 @handles(DropLayers)
 def apply_drop_layers(model: nn.Module, op: DropLayers) -> None:
     ops.drop_layers(model, op.positions)
+
+
+@handles(KeepHidden)
+def apply_keep_hidden(model: nn.Module, op: KeepHidden) -> None:
+    ops.prune_hidden(model, op.keep)
 
 
 @handles(LowRank)

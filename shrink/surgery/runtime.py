@@ -30,6 +30,9 @@ unit scales of post-training mask tuning) leave no op, the checkpoint holds the 
     {"op": "embedding", "kind": "codes", "spec": {"codebooks": 32, "codebook_size": 16, "code_dim": 384, "linear": false}}
     {"op": "embedding", "kind": "tiered_codes", "spec": {"codebooks": 16, "codebook_size": 16, "extra_codebooks": 16, "frequent_tokens": 4000}}
     {"op": "embedding", "kind": "binary", "spec": {"bits": 256}}
+    {"op": "hidden", "keep": [0, 1, 3, ...]}            kept ORIGINAL hidden dims (ascending): the
+        residual stream keeps these dims in the embeddings, every layer and the task head; the config
+        keeps the original hidden size (a later op's ids still name original dims)
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ class Adapter:
     max_positions_attr: str = "max_position_embeddings"
     uses_token_type_ids: bool = True
     position_offset: int = 0  # positions that are never used (RoBERTa-style ids start after padding_idx)
+    embeddings: str = "embeddings"  # the block that writes the residual stream (or ELECTRA's smaller embeddings)
+    embeddings_project: str | None = None  # ELECTRA: embedding_size -> hidden_size (present only when they differ)
+    pooler: str | None = None  # a Linear that reads the stream (first token) in base models that have one
 
 
 _BERT_LIKE = dict(
@@ -95,6 +101,7 @@ _BERT_LIKE = dict(
     num_layers_attr="num_hidden_layers",
     ffn_size_attr="intermediate_size",
     hidden_size_attr="hidden_size",
+    pooler="pooler.dense",
 )
 
 ADAPTERS: dict[str, Adapter] = {
@@ -102,7 +109,7 @@ ADAPTERS: dict[str, Adapter] = {
     # RoBERTa-style models have a single token type: exporters (and Optimum) leave token_type_ids out
     "roberta": Adapter(family="roberta", model_types=("roberta",), **{**_BERT_LIKE, "uses_token_type_ids": False, "position_offset": 2}),
     "xlm-roberta": Adapter(family="xlm-roberta", model_types=("xlm-roberta",), **{**_BERT_LIKE, "uses_token_type_ids": False, "position_offset": 2}),
-    "electra": Adapter(family="electra", model_types=("electra",), **_BERT_LIKE),
+    "electra": Adapter(family="electra", model_types=("electra",), **{**_BERT_LIKE, "embeddings_project": "embeddings_project", "pooler": None}),
     "distilbert": Adapter(
         family="distilbert",
         model_types=("distilbert",),
@@ -149,6 +156,7 @@ ADAPTERS: dict[str, Adapter] = {
         hidden_size_attr="hidden_size",
         uses_token_type_ids=False,
         position_offset=2,
+        pooler="pooler.dense",
     ),
 }
 
@@ -574,10 +582,10 @@ def layer_has_ffn(adapter: Adapter, layer: nn.Module) -> bool:
 
 def reshape_heads(adapter: Adapter, config, layer: nn.Module, keep: list[int]) -> None:
     """Give a layer's attention the shapes of `keep` heads (weights left unset)."""
-    hidden = getattr(config, adapter.hidden_size_attr)
-    head_size = hidden // getattr(config, adapter.num_heads_attr)
-    if not keep:
-        set_module(layer, adapter.attention_block, headless_attention_for(adapter, layer, hidden))
+    head_size = getattr(config, adapter.hidden_size_attr) // getattr(config, adapter.num_heads_attr)
+    if not keep:  # the stream's width as it is now (a hidden op may have narrowed it)
+        width = get_module(layer, adapter.attention_out).out_features
+        set_module(layer, adapter.attention_block, headless_attention_for(adapter, layer, width))
         return
     width = len(keep) * head_size
     for path in (adapter.query, adapter.key, adapter.value):
@@ -591,9 +599,9 @@ def reshape_heads(adapter: Adapter, config, layer: nn.Module, keep: list[int]) -
 
 def reshape_ffn(adapter: Adapter, config, layer: nn.Module, size: int) -> None:
     """Give a layer's FFN `size` neurons (weights left unset)."""
-    if size == 0:
-        hidden = getattr(config, adapter.hidden_size_attr)
-        for path, module in zip(adapter.ffn_blocks, neuronless_ffn_for(adapter, layer, hidden)):
+    if size == 0:  # the stream's width as it is now (a hidden op may have narrowed it)
+        width = get_module(layer, adapter.ffn_out).out_features
+        for path, module in zip(adapter.ffn_blocks, neuronless_ffn_for(adapter, layer, width)):
             set_module(layer, path, module)
         return
     old_in, old_out = get_module(layer, adapter.ffn_in), get_module(layer, adapter.ffn_out)
@@ -606,6 +614,145 @@ def remove_layers(adapter: Adapter, model: nn.Module, positions: list[int]) -> N
     layers = get_module(base_model(model), adapter.layers)
     gone = set(positions)
     set_module(base_model(model), adapter.layers, nn.ModuleList([m for i, m in enumerate(layers) if i not in gone]))
+
+
+# --- hidden dims (the residual stream) ---------------------------------------------------------
+
+# Task-head modules on the stream, by class-name suffix; paths from the whole model, those present are
+# used. "reads": Linears whose input is the stream (BERT's sequence classifier reads the pooler instead,
+# and the pooler is the adapter's). MLM: "transform" reads the stream and writes the word-embedding
+# space, "norm" normalises that space, and the decoder (the output embeddings, usually tied to the
+# word embeddings) reads it: that space is the stream unless ELECTRA projects the embeddings.
+HIDDEN_HEADS = {
+    "ForSequenceClassification": {"reads": ("classifier.dense", "pre_classifier")},
+    "ForTokenClassification": {"reads": ("classifier",)},
+    "ForQuestionAnswering": {"reads": ("qa_outputs",)},
+    "ForMaskedLM": {
+        "transform": ("cls.predictions.transform.dense", "lm_head.dense", "vocab_transform", "generator_predictions.dense"),
+        "norm": ("cls.predictions.transform.LayerNorm", "lm_head.layer_norm", "vocab_layer_norm", "generator_predictions.LayerNorm"),
+    },
+}
+
+
+def kept_hidden_ids(manifest: dict, hidden: int) -> list[int]:
+    """Original hidden dims still present (each hidden op lists them all)."""
+    keep = list(range(hidden))
+    for op in manifest.get("ops", []):
+        if op["op"] == "hidden":
+            keep = list(op["keep"])
+    return keep
+
+
+def embeddings_project(adapter: Adapter, model: nn.Module) -> nn.Module | None:
+    """ELECTRA's embedding_size -> hidden_size Linear, or None where the embeddings write the stream."""
+    base = base_model(model)
+    present = adapter.embeddings_project and _has_module(base, adapter.embeddings_project)
+    return get_module(base, adapter.embeddings_project) if present else None
+
+
+def _sliced(owner: nn.Module, name: str, dim: int, index: torch.Tensor, memo: dict) -> None:
+    """owner.<name> restricted to `index` along `dim`, as a new Parameter. `memo` (old id -> (old, new))
+    gives a tied parameter the same new one, so ties survive; it holds the old ones so ids stay unique."""
+    old = getattr(owner, name)
+    if old is None:
+        return
+    if id(old) not in memo:
+        new = nn.Parameter(old.detach().index_select(dim, index.to(old.device)).clone(), requires_grad=old.requires_grad)
+        memo[id(old)] = (old, new)
+    setattr(owner, name, memo[id(old)][1])
+
+
+def _slice_linear(module: nn.Module, index: torch.Tensor, side: str, memo: dict) -> None:
+    """A Linear-like module (MODULE_KINDS) keeps input features (side "columns") or output features
+    ("rows") `index`: the parameters its kind slices are replaced, then the size attributes follow."""
+    kind = kind_of(module)
+    if kind is None:
+        raise ValueError(f"cannot slice the hidden dims of a {type(module).__name__}")
+    for name, value in getattr(kind, side)(module, index).items():
+        owner_path, _, attr = name.rpartition(".")
+        owner = get_module(module, owner_path)
+        if value.shape != getattr(owner, attr).shape:
+            _sliced(owner, attr, 0 if side == "rows" else 1, index, memo)
+    for m in reversed(list(module.modules())):  # halves before the pair that holds them
+        if isinstance(m, nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(m, LowRankLinear):
+            m.in_features, m.out_features = m.first.in_features, m.second.out_features
+
+
+def _slice_norm(norm: nn.LayerNorm, index: torch.Tensor, memo: dict) -> None:
+    _sliced(norm, "weight", 0, index, memo)
+    _sliced(norm, "bias", 0, index, memo)
+    norm.normalized_shape = (len(index),)
+
+
+def _slice_embedding(embedding: nn.Embedding, index: torch.Tensor, memo: dict) -> None:
+    _sliced(embedding, "weight", 1, index, memo)
+    embedding.embedding_dim = len(index)
+
+
+def slice_hidden(adapter: Adapter, model: nn.Module, index: torch.Tensor) -> None:
+    """Keep hidden dims `index` (current positions) of the residual stream everywhere: the embeddings
+    (or ELECTRA's embeddings_project rows), per layer the q/k/v and FFN-in input columns, the attention
+    and FFN output rows (or a removed block's bias) and every LayerNorm, the pooler's and the task
+    head's input columns; MLM heads also their transform rows, norm and decoder columns where the word
+    embeddings are the stream. Attention heads keep their size and FFNs their neurons. Values are
+    sliced too (the live op and the replay are one code path; a replay's values are then overwritten by
+    the strict load). The config keeps the original hidden size: forward passes read only shapes."""
+    base, memo = base_model(model), {}
+    head = None  # what cannot be sliced is refused before anything is
+    if model is not base:
+        names = [cls.__name__ for cls in type(model).__mro__]  # a checkpoint's ShrinkModelForTask subclasses the head
+        head = next((h for suffix, h in HIDDEN_HEADS.items() if any(n.endswith(suffix) for n in names)), None)
+        if head is None:
+            raise ValueError(f"no hidden-dim slicing known for the task head of {type(model).__name__}")
+    project = embeddings_project(adapter, model)
+    if project is None and not isinstance(get_module(base, adapter.word_embeddings), nn.Embedding):
+        raise ValueError("compressed word embeddings write the hidden dims; they cannot be sliced")
+    if project is not None:
+        _slice_linear(project, index, "rows", memo)
+    else:
+        for m in get_module(base, adapter.embeddings).modules():
+            if isinstance(m, nn.Embedding):
+                _slice_embedding(m, index, memo)
+            elif isinstance(m, nn.LayerNorm):
+                _slice_norm(m, index, memo)
+    for layer in get_module(base, adapter.layers):
+        if layer_has_attention(adapter, layer):
+            for path in (adapter.query, adapter.key, adapter.value):
+                _slice_linear(get_module(layer, path), index, "columns", memo)
+            _slice_linear(get_module(layer, adapter.attention_out), index, "rows", memo)
+        else:
+            _sliced(get_module(layer, adapter.attention_block), "bias", 0, index, memo)
+        if layer_has_ffn(adapter, layer):
+            _slice_linear(get_module(layer, adapter.ffn_in), index, "columns", memo)
+            _slice_linear(get_module(layer, adapter.ffn_out), index, "rows", memo)
+        else:
+            _sliced(get_module(layer, adapter.ffn_blocks[-1]), "bias", 0, index, memo)
+        for m in layer.modules():  # every LayerNorm inside a layer normalises the stream, in these families
+            if isinstance(m, nn.LayerNorm):
+                _slice_norm(m, index, memo)
+    if adapter.pooler and _has_module(base, adapter.pooler):  # None in models built without it
+        _slice_linear(get_module(base, adapter.pooler), index, "columns", memo)
+    if head is None:
+        return
+    present = lambda key: [get_module(model, p) for p in head.get(key, ()) if _has_module(model, p)]  # noqa: E731
+    for module in present("reads") + present("transform"):
+        _slice_linear(module, index, "columns", memo)
+    if head.get("transform") and project is None:  # the word-embedding space is the stream
+        for module in present("transform"):
+            _slice_linear(module, index, "rows", memo)
+        for norm in present("norm"):
+            _slice_norm(norm, index, memo)
+        _slice_linear(model.get_output_embeddings(), index, "columns", memo)
+
+
+def _has_module(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 def low_rank_target(adapter: Adapter, model: nn.Module, manifest: dict, op: dict) -> tuple[nn.Module, str]:
@@ -663,12 +810,21 @@ def replay_embedding(adapter: Adapter, model: nn.Module, manifest: dict, op: dic
     set_module(base, path, build_embedding(op["kind"], op.get("spec", {}), get_module(base, path)))
 
 
+def replay_hidden(adapter: Adapter, model: nn.Module, manifest: dict, op: dict) -> None:
+    before = kept_hidden_ids(manifest, getattr(model.config, adapter.hidden_size_attr))
+    missing = [i for i in op["keep"] if i not in before]
+    if missing or not op["keep"] or list(op["keep"]) != sorted(set(op["keep"])):
+        raise ValueError(f"hidden op keeps dims {missing or op['keep']} that are not present, or not ascending")
+    slice_hidden(adapter, model, torch.tensor([before.index(i) for i in op["keep"]], dtype=torch.long))
+
+
 REPLAY = {
     "heads": replay_heads,
     "ffn": replay_ffn,
     "drop_layers": replay_drop_layers,
     "low_rank": replay_low_rank,
     "embedding": replay_embedding,
+    "hidden": replay_hidden,
 }
 
 

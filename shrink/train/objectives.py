@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from shrink.arch import logits_of, model_inputs, task_head
 from shrink.errors import BadInputError
-from shrink.surgery import original_layer_ids
+from shrink.surgery import original_hidden_ids, original_layer_ids
 from shrink.train.device import to_device
 
 KINDS = ("task", "logits_kl", "hidden_mse", "embedding_cosine", "embedding_relation")
@@ -57,6 +57,15 @@ def forward(model, batch: dict, hidden: bool = False):
 def _last_hidden_of(model, output) -> torch.Tensor:
     # a task head's output has no last_hidden_state, only the per-layer ones
     return output.last_hidden_state if task_head(model) is None else output.hidden_states[-1]
+
+
+def _on_student_dims(student, teacher_values: torch.Tensor, width: int) -> torch.Tensor:
+    """The teacher's hidden-size values on the dims the student kept (shrink.surgery.KeepHidden) when
+    the student's values are `width` wide, so a student with a pruned hidden dimension is compared
+    with the teacher dim for dim (as CoFi does)."""
+    if teacher_values.shape[-1] == width:
+        return teacher_values
+    return teacher_values[..., torch.tensor(original_hidden_ids(student), device=teacher_values.device)]
 
 
 def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -152,7 +161,8 @@ class HiddenMSE(Objective):
         # hidden_states[0] is the embedding output; [i + 1] is the output of layer i.
         pairs = [(0, 0)] + [(i + 1, orig + 1) for i, orig in enumerate(original_layer_ids(student))]
         mask = batch["attention_mask"]
-        losses = [_token_mean(((hidden[s] - targets["hidden"][t]) ** 2).mean(dim=-1), mask) for s, t in pairs]
+        teacher = [_on_student_dims(student, targets["hidden"][t], hidden[s].shape[-1]) for s, t in pairs]
+        losses = [_token_mean(((hidden[s] - t) ** 2).mean(dim=-1), mask) for (s, _), t in zip(pairs, teacher)]
         return torch.stack(losses).mean(dim=0)
 
 
@@ -167,7 +177,7 @@ class EmbeddingCosine(Objective):
 
     def loss_of(self, student, output, batch, targets):
         embedding = mean_pool(_last_hidden_of(student, output), batch["attention_mask"])
-        return 1 - F.cosine_similarity(embedding, targets["embedding"], dim=-1)
+        return 1 - F.cosine_similarity(embedding, _on_student_dims(student, targets["embedding"], embedding.shape[-1]), dim=-1)
 
 
 class TeacherBank:
@@ -205,8 +215,10 @@ class EmbeddingRelation(Objective):
     def loss_of(self, student, output, batch, targets):
         student_embedding = F.normalize(mean_pool(_last_hidden_of(student, output), batch["attention_mask"]).float(), dim=-1)
         bank = targets["bank"].embeddings
-        student_logp = F.log_softmax(student_embedding @ bank.T / self.temperature, dim=-1)
         teacher_logp = F.log_softmax(targets["embedding"] @ bank.T / self.temperature, dim=-1)
+        if bank.shape[-1] != student_embedding.shape[-1]:  # a narrower hidden size meets the bank on its own dims
+            bank = F.normalize(_on_student_dims(student, bank, student_embedding.shape[-1]), dim=-1)
+        student_logp = F.log_softmax(student_embedding @ bank.T / self.temperature, dim=-1)
         return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(dim=-1)
 
 

@@ -54,7 +54,7 @@ from shrink.methods.l0.latency_table import latency_cost
 from shrink.models.flops import model_flops
 from shrink.surgery import KeepFFN, KeepHeads, ffn_per_layer, heads_per_layer, runtime, word_embeddings_of
 from shrink.surgery.gates import Gates
-from shrink.surgery.ops import adapter_of, head_size, layers_of
+from shrink.surgery.ops import adapter_of, head_size, hidden_size, layers_of
 from shrink.train.loop import Hooks, total_steps, train
 from shrink.train.objectives import Objective, SumObjective, choose_objective
 
@@ -98,7 +98,7 @@ class L0Options(Strict):
 
 
 def _dims(model) -> tuple[int, int]:
-    return getattr(model.config, adapter_of(model).hidden_size_attr), head_size(model)
+    return hidden_size(model), head_size(model)  # the stream's width now (a KeepHidden narrows it)
 
 
 def params_cost(model) -> LinearCost:

@@ -13,7 +13,7 @@ from shrink import registry, surgery
 from shrink.errors import BadInputError
 from shrink.methods import base
 from shrink.models.slim import load_slim, save_slim
-from shrink.surgery import DropLayers, KeepFFN, KeepHeads, LowRank, ReplaceEmbedding, runtime
+from shrink.surgery import DropLayers, KeepFFN, KeepHeads, KeepHidden, LowRank, ReplaceEmbedding, runtime
 from shrink.surgery.ops import head_size
 from shrink.surgery.plan import HANDLERS, ScaleUnits, legacy_plan
 
@@ -60,6 +60,7 @@ CASES = {
         lambda: surgery.factorize_linear(m, path_of(m, 1, "value"), 2, value_factors()),
     ),
     "scale_units": lambda m: (ScaleUnits(**SCALES), lambda: scale_by_hand(m, **SCALES)),
+    "hidden": lambda m: (KeepHidden([0, 3, 4, 9, 31]), lambda: surgery.prune_hidden(m, [0, 3, 4, 9, 31])),
     "embedding": lambda m: (
         ReplaceEmbedding("factorized", {"rank": 8}, factorized_state(m, 8)),
         lambda: surgery.install_word_embeddings(m, "factorized", {"rank": 8}, factorized_state(m, 8)),
@@ -167,7 +168,7 @@ def test_a_legacy_plan_applies_as_the_old_pipeline_did(arch):
 
 def test_every_recorded_op_has_a_replay_entry(arch):
     model = tiny_model(arch)
-    for case in ("low_rank", "low_rank_factors", "heads", "ffn", "drop_layers", "embedding"):
+    for case in ("low_rank", "low_rank_factors", "heads", "ffn", "drop_layers", "hidden", "embedding"):
         op, _ = CASES[case](model)
         surgery.apply(model, [op])
     manifest = surgery.manifest_of(model)

@@ -233,3 +233,17 @@ def test_distill_step_early_stops_on_calibration_batches_never_the_report_split(
 def test_teacher_loss_is_the_originals_own_output_and_never_counted_twice(task, labels, expected):
     model = tiny_model("bert", task=task)
     assert make_objective(model, copy.deepcopy(model), labels, ["auto", "teacher"]).name == expected
+
+
+@pytest.mark.parametrize("kind", ["hidden_mse", "embedding_cosine", "embedding_relation"])
+def test_a_student_with_a_narrower_hidden_size_is_compared_on_the_dims_it_kept(kind):
+    from shrink import surgery
+    from shrink.surgery.plan import KeepHidden
+
+    teacher = tiny_model("bert")
+    batch = tiny_inputs(teacher, batch=3)
+    student = copy.deepcopy(teacher)
+    surgery.apply(student, [KeepHidden([i for i in range(32) if i % 4])])
+    objective = choose_objective(student, teacher, False, kind)
+    losses = loss_of(objective, student, batch)
+    assert losses.shape == (3,) and torch.isfinite(losses).all() and (losses > 0).all()
