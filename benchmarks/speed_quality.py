@@ -56,6 +56,7 @@ from shrink.surgery.plan import KeepFFN, KeepHeads  # noqa: E402
 
 # the layer-drop recipe's recovery before it learned from this table: the task loss alone, lr 5e-5
 TASK_ONLY = ["steps.1.options.loss=[auto]", "steps.1.options.lr=5e-5"]
+WITH_HIDDEN = "[heads, ffn, attention_layers, ffn_layers, hidden]"
 
 
 @dataclass
@@ -79,6 +80,8 @@ ROWS = [
     Row("posttrain-1.5x-tuned", "posttrain (Kwon et al.), with mask tuning on 1,024 examples", "speedup 1.5", "posttrain-1.5x",
         ["steps.0.options.tune=true", "steps.0.options.tuning_samples=1024"]),
     Row("posttrain-3x", "posttrain (Kwon et al.)", "speedup 3", "posttrain", ["steps.0.target.speedup=3"]),
+    Row("posttrain-2x-tuned", "posttrain (Kwon et al.), with mask tuning on 1,024 examples", "speedup 2", "posttrain",
+        ["steps.0.options.tune=true", "steps.0.options.tuning_samples=1024"]),
     Row("layer-drop-4", "layer-drop top + distill (task loss, lr 5e-5)", "keep 4 of 6", "layer-drop", ["steps.0.target.layers_fraction=null", "steps.0.target.layers_count=2", *TASK_ONLY, "steps.1.options.epochs=1"], training="1 epoch"),
     Row("layer-drop-3", "layer-drop top + distill (task loss, lr 5e-5)", "keep 3 of 6", "layer-drop", ["steps.0.target.layers_fraction=null", "steps.0.target.layers_count=3", *TASK_ONLY, "steps.1.options.epochs=1"], training="1 epoch"),
     Row("layer-drop-2", "layer-drop top + distill (task loss, lr 5e-5)", "keep 2 of 6", "layer-drop", ["steps.0.target.layers_fraction=null", "steps.0.target.layers_count=4", *TASK_ONLY, "steps.1.options.epochs=1"], training="1 epoch"),
@@ -95,6 +98,8 @@ ROWS = [
     Row("l0-2x", "l0-structured", "speedup 2", "l0-structured", training="2 epochs gates + 1 recovery"),
     Row("l0-3x", "l0-structured", "speedup 3", "l0-structured", ["steps.0.target.speedup=3"], training="2 epochs gates + 1 recovery"),
     Row("l0-4x", "l0-structured", "speedup 4", "l0-structured", ["steps.0.target.speedup=4"], training="2 epochs gates + 1 recovery"),
+    Row("l0-3x-hidden", "l0-structured + hidden dims (CoFi)", "speedup 3", "l0-structured", ["steps.0.target.speedup=3", f"steps.0.options.prune={WITH_HIDDEN}"], training="2 epochs gates + 1 recovery"),
+    Row("l0-4x-hidden", "l0-structured + hidden dims (CoFi)", "speedup 4", "l0-structured", ["steps.0.target.speedup=4", f"steps.0.options.prune={WITH_HIDDEN}"], training="2 epochs gates + 1 recovery"),
     Row("layerdrop-3", "LayerDrop-trained, cut", "every other, keep 3", build="layerdrop_cut:3", training="1 epoch, once for all depths"),
     Row("layerdrop-2", "LayerDrop-trained, cut", "every other, keep 2", build="layerdrop_cut:2", training="1 epoch, once for all depths"),
 ]

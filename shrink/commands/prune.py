@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
         text_pair_column: Annotated[Optional[str], typer.Option(help="Second text column for sentence pairs.")] = None,
         label_column: Annotated[Optional[str], typer.Option(help="Label column (enables the task loss and accuracy).")] = None,
         eval_fraction: Annotated[float, typer.Option(min=0.01, max=0.9, help="Held-out share of the data for the report.")] = 0.2,
-        max_samples: Annotated[int, typer.Option(min=1, help="Calibration examples used for training/recovery.")] = 1024,
+        max_samples: Annotated[Optional[int], typer.Option(min=1, help="Cap on the calibration examples the training steps use (default: the whole calibration split; scoring steps use their own calibration_samples).")] = None,
+        budget: Annotated[Optional[str], typer.Option("--budget", help="Wall time for all the training in the run, e.g. 90s, 10m, 1.5h (a plain number is minutes): a step whose planned epochs do not fit trains fewer steps, with its schedule rescaled; the report says what it traded. A shortened run depends on the machine's speed.")] = None,
         eval_samples: Annotated[int, typer.Option(min=1, help="Held-out examples the report's quality figures use.")] = 512,
         max_length: Annotated[int, typer.Option(min=8, help="Tokens per example.")] = 128,
         seed: Annotated[int, typer.Option(help="Random seed; same inputs + seed give the same slim model.")] = 0,
@@ -45,16 +46,18 @@ def register(app: typer.Typer) -> None:
             from shrink.prune.pipeline import PruneSettings
             from shrink.prune.pipeline import prune as run_prune
             from shrink.prune.report import show
+            from shrink.train.loop import parse_duration
 
             if device not in ("cpu", "cuda"):
                 raise BadInputError(f"--device {device!r}: use cpu or cuda")
             check_quality_metric(quality_metric)
             if int8 and no_export:
                 raise BadInputError("--int8 needs the ONNX export", hint="drop --no-export")
+            budget_s = parse_duration(budget, "--budget") if budget is not None else None
             settings = PruneSettings(
                 data=data, eval_data=eval_data, text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
                 eval_fraction=eval_fraction, max_samples=max_samples, eval_samples=eval_samples, max_length=max_length, seed=seed,
-                device=device, export=not no_export, int8=int8, overwrite=overwrite, overrides=list(set_ or []),
+                device=device, export=not no_export, int8=int8, overwrite=overwrite, overrides=list(set_ or []), budget=budget_s,
             )
             report = run_prune(model, recipe, output, settings)
             if json_output:

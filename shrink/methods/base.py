@@ -52,18 +52,26 @@ class Method:
     description: str
     # cheap {"target": {...}, "options": {...}} for tiny models: the contract test runs every method with it
     smoke: dict | None = None
+    # the step trains (shrink.train.loop.train): `shrink prune --budget` gives it a share of the time
+    trains: bool = False
+    # options -> the fraction of its planned steps a budget may never cut it below (None: any)
+    min_train_fraction: Callable[[Any], float] | None = None
 
 
 METHODS: dict[str, Method] = {}  # filled by @register; read through shrink.methods.catalog
 
 
-def register(name: str, *, options: type[Strict], target: type[Strict] = NoTarget, needs_labels: bool = False, smoke: dict | None = None):
+def register(name: str, *, options: type[Strict], target: type[Strict] = NoTarget, needs_labels: bool = False, smoke: dict | None = None,
+             trains: bool = False, min_train_fraction: Callable[[Any], float] | None = None):
     """Register a method. `smoke`: cheap settings for tiny models ({"target": ..., "options": ...});
-    with them tests/contract runs the method on every family (plan applies, exact reload, ONNX parity)."""
+    with them tests/contract runs the method on every family (plan applies, exact reload, ONNX parity).
+    `trains`: the method trains with shrink.train.loop.train, so `shrink prune --budget` shares the
+    training time among such steps; `min_train_fraction(options)`: the share of its planned steps a
+    budget must leave it (e.g. l0's target warm-up), even when that overruns the budget."""
 
     def decorate(fn: Callable) -> Callable:
         description = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        METHODS[name] = Method(name, fn, options, target, needs_labels, description, smoke)
+        METHODS[name] = Method(name, fn, options, target, needs_labels, description, smoke, trains, min_train_fraction)
         return fn
 
     return decorate

@@ -37,7 +37,7 @@ class DistillOptions(Strict):
 SPARSE_MATRIX_ZEROS = 0.05
 
 
-@register("distill", options=DistillOptions,
+@register("distill", options=DistillOptions, trains=True,
           smoke={"options": {"max_steps": 2}})
 def distill_step(ctx: Context, target, options: DistillOptions) -> StepResult:
     """Recover quality by distilling the original model into the slim one."""

@@ -4,9 +4,9 @@ residual stream loses its least important dims everywhere (shrink.surgery.KeepHi
 
 Importance: a gate g of ones, one per hidden dim (and per example), multiplies the stream wherever it
 is written: the embeddings' output (ELECTRA: embeddings_project's) and every LayerNorm output inside
-the layers (CoFi's hidden_z sits at the same places). A dim's score is the sum over calibration
-examples of |dL_x/dg| (`score: abs`, Michel et al.'s first-order estimate of the loss change when
-the dim is zeroed) or of (dL_x/dg)^2 (`fisher`). The loss per example is posttrain's: the objective
+the layers (CoFi's hidden_z sits at the same places; the hooks: shrink.methods.stream). A dim's
+score is the sum over calibration examples of |dL_x/dg| (`score: abs`, Michel et al.'s first-order
+estimate of the loss change when the dim is zeroed) or of (dL_x/dg)^2 (`fisher`). The loss per example is posttrain's: the objective
 where it has a task part, else a random projection of the output (a distillation loss has zero
 gradient at the original). The top dims are kept; the LayerNorms then normalise over fewer dims, so
 the pruned model is not exactly the gated one: follow with `distill`.
@@ -21,13 +21,13 @@ from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
-from torch import nn
 
 from shrink.arch import task_head
 from shrink.errors import BadInputError
 from shrink.methods.base import Context, StepResult, Strict, register
 from shrink.methods.posttrain import example_losses
-from shrink.surgery import adapter_of, hidden_size, layers_of, runtime
+from shrink.methods.stream import gate_stream
+from shrink.surgery import hidden_size
 from shrink.surgery.plan import KeepHidden
 
 
@@ -57,22 +57,11 @@ class HiddenOptions(Strict):
     allow_embedding_width_change: bool = Field(False, description="let a base (embedding) model's output lose dims too")
 
 
-def stream_writers(model) -> list[nn.Module]:
-    """The modules whose output is the residual stream: the embeddings' LayerNorm (ELECTRA:
-    embeddings_project) and every LayerNorm inside the layers."""
-    adapter, base = adapter_of(model), runtime.base_model(model)
-    project = runtime.embeddings_project(adapter, model)
-    first = [project] if project is not None else [
-        m for m in runtime.get_module(base, adapter.embeddings).modules() if isinstance(m, nn.LayerNorm)]
-    return first + [m for layer in layers_of(model) for m in layer.modules() if isinstance(m, nn.LayerNorm)]
-
-
 def hidden_importance(ctx: Context, batches: list[dict], score: str) -> torch.Tensor:
     """[hidden] the summed per-example importance of each hidden dim (see the module docstring)."""
     width, device = hidden_size(ctx.model), next(ctx.model.parameters()).device
     scores, gate = torch.zeros(width, dtype=torch.float64), {}
-    hook = lambda module, args, out: out * gate["g"][:, None, :].to(out.dtype)  # noqa: E731
-    handles = [m.register_forward_hook(hook) for m in stream_writers(ctx.model)]
+    handles = gate_stream(ctx.model, lambda: gate["g"])
     generator = torch.Generator().manual_seed(ctx.seed)
     was_training = ctx.model.training
     ctx.model.eval()

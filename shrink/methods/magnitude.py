@@ -128,7 +128,7 @@ def compressed_size(model, level: int = 6) -> dict:
     return {"dense_bytes": len(raw), "deflate_bytes": len(zlib.compress(raw, level))}
 
 
-@register("weights.magnitude", options=MagnitudeOptions, target=SparsityTarget,
+@register("weights.magnitude", options=MagnitudeOptions, target=SparsityTarget, trains=True,
           smoke={"target": {"sparsity": 0.5}, "options": {"max_steps": 2, "prune_every": 1}})
 def gradual_magnitude(ctx: Context, target: SparsityTarget, options: MagnitudeOptions) -> StepResult:
     """Distill while zeroing the smallest weights on a cubic schedule (unstructured: no speedup)."""

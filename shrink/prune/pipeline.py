@@ -29,6 +29,7 @@ from shrink.models.slim import atomic_directory, check_output_dir, write_checkpo
 from shrink.prune.recipe import Recipe, load_recipe, validated
 from shrink.prune.report import write_prune_report
 from shrink.train.device import resolve_device, to_device
+from shrink.train.loop import format_duration, parse_duration, time_budget
 from shrink.train.objectives import choose_objective
 
 
@@ -40,7 +41,9 @@ class PruneSettings:
     text_pair_column: str | None = None
     label_column: str | None = None
     eval_fraction: float = 0.2
-    max_samples: int | None = 1024  # calibration examples used for training/recovery (None: all)
+    # calibration examples the training steps use (None: all of the calibration split); methods that
+    # only score (heads.a_star, posttrain, uniform.importance, ...) take their own calibration_samples
+    max_samples: int | None = None
     eval_samples: int | None = 512  # held-out examples the report's quality figures use (None: all)
     max_length: int = 128
     batch_size: int = 16
@@ -50,6 +53,9 @@ class PruneSettings:
     int8: bool = False  # also write model-int8.onnx and time dense/slim fp32/int8 in one run
     overwrite: bool = False
     overrides: list[str] = field(default_factory=list)
+    # wall time for all the training of the run, in seconds, or a duration ("10m", "90s", "1.5h"; a
+    # plain string number is minutes); None: every training step runs its planned epochs
+    budget: float | str | None = None
 
 
 def load_recipes(refs: list[str], overrides: list[str]) -> list[Recipe]:
@@ -155,6 +161,10 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
     resolved = resolve(model_ref)
     check_output_dir(out, settings.overwrite, [Path(resolved)] if Path(resolved).is_dir() else [])
 
+    budget = check_budget(settings.budget)
+    if budget is not None and not any(method.trains for _, _, method, _, _ in steps):
+        note(f"--budget {format_duration(budget)}: no step of {', '.join(r.name for r in recipes)} trains, so it changes nothing")
+
     session = build_session(model_ref, settings)
     ctx = session.ctx
     for recipe, step, method, _, _ in steps:
@@ -168,10 +178,13 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
     quality_before = quality(teacher, evaluation, teacher)
     before = structure(model)
 
-    step_reports = []
-    for recipe, step, method, options, target in steps:
+    step_reports, spent = [], 0.0
+    for index, (recipe, step, method, options, target) in enumerate(steps):
         note(f"[bold]{recipe.name}[/bold]: {method.name}")
-        result, seconds = run_step(ctx, method, options, target)
+        share = budget_share(budget, spent, [m.trains for _, _, m, _, _ in steps[index:]])
+        floor = method.min_train_fraction(options) if share is not None and method.min_train_fraction else 0.0
+        with time_budget(share, floor) as scope:
+            result, seconds = run_step(ctx, method, options, target)
         step_reports.append({
             "recipe": recipe.name,
             "method": method.name,
@@ -181,6 +194,9 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
             "stats": result.stats,
             "structure_after": structure(model),
         })
+        if scope is not None:
+            spent += scope.spent
+            step_reports[-1]["budget"] = {"share_s": round(share, 3), "training_s": round(scope.spent, 1), "runs": scope.runs}
     quality_after = quality(model, evaluation, teacher)
 
     report = {
@@ -191,6 +207,7 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
         "data": settings.data or "bundled corpus",
         "eval_data": settings.eval_data or f"{settings.eval_fraction:.0%} split of the data",
         "calibration_examples": len(calibration.texts),
+        "training_examples": min(len(calibration.texts), settings.max_samples or len(calibration.texts)),
         "eval_examples": min(len(held_out.texts), settings.eval_samples or len(held_out.texts)),
         "objective": objective.name,
         "before": before,
@@ -198,6 +215,8 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
         "quality": {"before": quality_before, "after": quality_after},
         "steps": step_reports,
     }
+    if budget is not None:
+        report["budget"] = budget_summary(budget, spent, step_reports)
     manifest_extra = {
         "source": model_ref,
         "recipes": [{"name": r.name, "steps": [s.model_dump() for s in r.steps]} for r in recipes],
@@ -212,6 +231,43 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
 
         write_prune_report(report, tmp)
     return report
+
+
+def check_budget(budget: float | str | None) -> float | None:
+    """Seconds of the --budget setting (a number of seconds, or a duration string), or None."""
+    if budget is None:
+        return None
+    if isinstance(budget, str):
+        return parse_duration(budget)
+    if not (isinstance(budget, (int, float)) and 0 < budget < float("inf")):
+        raise BadInputError(f"budget {budget!r}: must be a positive number of seconds")
+    return float(budget)
+
+
+def budget_share(budget: float | None, spent: float, trains: list[bool]) -> float | None:
+    """The seconds the first of the remaining steps (`trains`: which of them train) may train, or None.
+
+    What is left is split evenly among the training steps still to come: a step that needs less than
+    its share hands the rest on to the later ones (spent counts only what was used). Even rather than
+    in proportion to planned steps: a step's planned steps are known only inside the method (l0
+    derives them from its options, distill from its early-stopping split, and an earlier step changes
+    the model and so the time per step), and steps of different methods cost different time (an l0
+    step runs gates, a teacher and hidden-state losses), so step counts would not share time fairly
+    either."""
+    if budget is None or not trains[0]:
+        return None
+    return max(0.0, budget - spent) / sum(trains)
+
+
+def budget_summary(budget: float, spent: float, step_reports: list[dict]) -> dict:
+    """The report's "budget": the cap, the training time used, and per run what it traded."""
+    trades = [f"{s['recipe']} / {s['method']}: {run['trade']}" for s in step_reports for run in s.get("budget", {}).get("runs", [])]
+    return {
+        "seconds": round(budget, 1),
+        "training_s": round(spent, 1),
+        "shortened": any(run["shortened"] for s in step_reports for run in s.get("budget", {}).get("runs", [])),
+        "trades": trades,
+    }
 
 
 def quality(model, batches, teacher) -> dict:

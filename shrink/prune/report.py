@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from shrink.console import out
+from shrink.train.loop import format_duration
 
 
 def _fmt_params(n: int) -> str:
@@ -75,12 +76,22 @@ def to_markdown(report: dict) -> str:
         "|---|---|---|---|",
     ]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in headline_rows(report)]
+    lines += budget_lines(report)
     lines += ["", "## Steps", "", "| recipe | method | seconds | what it did |", "|---|---|---|---|"]
     for step in report["steps"]:
         stats = step["stats"]
         did = ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, dict))[:400]
         lines.append(f"| {step['recipe']} | {step['method']} | {step['seconds']} | {did} |")
     return "\n".join(lines) + "\n"
+
+
+def budget_lines(report: dict) -> list[str]:
+    """What --budget traded, one line per training run (none without a budget)."""
+    budget = report.get("budget")
+    if not budget:
+        return []
+    head = f"Budget: {format_duration(budget['seconds'])} of training, {format_duration(budget['training_s'])} used"
+    return ["", head + (":" if budget["trades"] else "; no step trained.")] + [f"- {trade}" for trade in budget["trades"]]
 
 
 def write_prune_report(report: dict, directory: Path) -> None:
@@ -99,4 +110,7 @@ def show(report: dict) -> None:
         table.add_row(*row)
     out.print(table)
     for step in report["steps"]:
-        out.print(f"  {step['recipe']} / {step['method']}: {step['seconds']} s")
+        trades = "; ".join(run["trade"] for run in step.get("budget", {}).get("runs", []))
+        out.print(f"  {step['recipe']} / {step['method']}: {step['seconds']} s" + (f" (trained {trades})" if trades else ""), markup=False)
+    if report.get("budget"):
+        out.print("  " + budget_lines(report)[1], markup=False)

@@ -8,18 +8,29 @@ rides on Hooks and extra optimizers (llm-compressor's lesson: schedules ride on 
     extra_loss        a term added to the objective, e.g. a Lagrangian       (l0)
     extra_optimizers  stepped with the weights': gates, multipliers (ascent) (l0)
     after_step        pruning schedules, re-zeroing pruned weights, logging  (weights.magnitude, distill, l0)
+
+A time budget (issue 16: `shrink prune --budget`) caps a run's wall time: given budget_s, or inside a
+time_budget() scope (how the pipeline hands each training step its share, so a method needs no
+argument for it), train() times its first steps, and when the planned steps would not fit it trains
+only the steps that fit and rescales its schedule to them: the warm-up and the linear decay to zero
+end at the new last step, and the after_step hooks get the new total, so schedules driven by them
+(weights.magnitude's sparsity) end too. history["budget"] says what was traded.
 """
 
 from __future__ import annotations
 
+import contextvars
 import math
 import random
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from shrink.console import note
 from shrink.console import progress as progress_bar
 from shrink.errors import BadInputError
 from shrink.train.device import resolve_device, to_device
@@ -43,16 +54,25 @@ class Hooks:
     status: Callable[[float], str] | None = None
 
 
-def schedule(optimizer, total_steps: int, warmup: float):
-    """Linear warm-up over the first `warmup` fraction of steps, then linear decay to zero."""
-    warmup_steps = int(warmup * total_steps)
+class WarmupDecay:
+    """The learning-rate factor of step `step`: linear warm-up over the first `warmup` fraction of
+    `total` steps, then linear decay to zero at step `total`. `total` may be lowered mid-run (a time
+    budget): the warm-up and the decay are then those of the shorter run from the next step on."""
 
-    def factor(step: int) -> float:
+    def __init__(self, total: int, warmup: float):
+        self.total, self.warmup = total, warmup
+
+    def __call__(self, step: int) -> float:
+        warmup_steps = int(self.warmup * self.total)
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        return max(0.0, (self.total - step) / max(1, self.total - warmup_steps))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def schedule(optimizer, total_steps: int, warmup: float):
+    """Linear warm-up over the first `warmup` fraction of steps, then linear decay to zero
+    (scheduler.lr_lambdas[0] is the WarmupDecay; set its total to rescale)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(total_steps, warmup))
 
 
 def batch_order(num_batches: int, micro_batches: int, seed: int) -> list[int]:
@@ -71,6 +91,123 @@ def total_steps(num_batches: int, epochs: float, grad_accum: int = 1, max_steps:
     """Optimizer steps of a run of `epochs` passes over `num_batches` (capped by max_steps)."""
     steps = max(1, math.ceil(max(1, math.ceil(epochs * num_batches)) / grad_accum))
     return min(steps, max_steps) if max_steps is not None else steps
+
+
+# --- time budgets ---------------------------------------------------------------------------------
+
+PROBE_STEPS = 3  # optimizer steps timed before the first decision (the first one pays warm-up costs)
+_UNITS = {"s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "m": 60, "min": 60, "mins": 60,
+          "minute": 60, "minutes": 60, "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600}
+
+
+def parse_duration(text: str | float, what: str = "--budget") -> float:
+    """Seconds from "90s", "10m", "10 min", "1.5h" or a plain number (minutes). Anything else, zero or
+    a negative or non-finite number: BadInputError (one line, exit 2)."""
+    hint = "e.g. 90s, 10m, 1.5h (a plain number is minutes)"
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text) * 60
+    else:
+        found = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+        unit = found and (found.group(2).lower() or "m")
+        if not found or unit not in _UNITS:
+            raise BadInputError(f"{what} {str(text)[:40]!r}: not a duration", hint=hint)
+        seconds = float(found.group(1)) * _UNITS[unit]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise BadInputError(f"{what} {str(text)[:40]!r}: must be a positive duration", hint=hint)
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """90 -> "90 s", 600 -> "10 min", 5400 -> "1.5 h"."""
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.3g} min"
+    return f"{seconds / 3600:.3g} h"
+
+
+@dataclass
+class BudgetScope:
+    """A time budget for the train() calls inside a time_budget() block: `seconds` for all of them
+    together (`spent` counts what earlier calls used), never cut below `min_fraction` of a run's
+    planned steps. `runs` collects each call's history["budget"]."""
+
+    seconds: float
+    min_fraction: float = 0.0
+    clock: Callable[[], float] = time.perf_counter
+    spent: float = 0.0
+    runs: list = field(default_factory=list)
+
+
+_SCOPE: contextvars.ContextVar[BudgetScope | None] = contextvars.ContextVar("shrink_time_budget", default=None)
+
+
+@contextmanager
+def time_budget(seconds: float | None, min_fraction: float = 0.0, clock: Callable[[], float] = time.perf_counter) -> Iterator[BudgetScope | None]:
+    """Every train() call inside shares `seconds` of training (None: no budget, a no-op). Yields the
+    BudgetScope, whose `runs` afterwards hold what each call traded."""
+    if seconds is None:
+        yield None
+        return
+    scope = BudgetScope(float(seconds), min_fraction, clock)
+    token = _SCOPE.set(scope)
+    try:
+        yield scope
+    finally:
+        _SCOPE.reset(token)
+
+
+class _Budget:
+    """One train() call's budget: after each optimizer step, how many steps fit in all. The time per
+    step is the mean of the steps after the first (which pays one-off costs: the optimizer's state,
+    the allocator), evaluations left out; the evaluations still to come (keep-best every eval_every
+    steps, the final one) are added at their own measured cost."""
+
+    def __init__(self, seconds: float, planned: int, min_fraction: float, clock, eval_every: int | None, final_eval: bool):
+        self.seconds, self.planned, self.clock = seconds, planned, clock
+        # past min_fraction of the planned steps by one, so a schedule over that fraction of the steps
+        # (l0 anneals its target over target_warmup of them) takes its last value
+        self.floor = min(planned, int(min_fraction * planned) + 1) if min_fraction > 0 else 1
+        self.eval_every, self.final_eval = eval_every, final_eval
+        self.started = clock()
+        self.first_done: float | None = None
+        self.eval_cost = 0.0  # one evaluation (the first's until in-loop ones are timed)
+        self.eval_time, self.evals = 0.0, 0  # in-loop evaluations so far
+        self.shortened = False
+
+    def evaluated(self, seconds: float, in_loop: bool = True) -> None:
+        if in_loop:
+            self.eval_time, self.evals = self.eval_time + seconds, self.evals + 1
+            self.eval_cost = self.eval_time / self.evals
+        else:
+            self.eval_cost = seconds
+
+    def fits(self, done: int, total: int) -> int:
+        """The steps this run should have in all, `done` of them finished (never more than total)."""
+        now = self.clock()
+        if done == 1:
+            self.first_done = now
+        if done < min(PROBE_STEPS, total) or done >= total or self.first_done is None:
+            return total
+        per_step = max(0.0, now - self.first_done - self.eval_time) / (done - 1)
+        if self.eval_every:
+            per_step += self.eval_cost / self.eval_every
+        left = self.seconds - (now - self.started) - (self.eval_cost if self.final_eval else 0.0)
+        fit = done + (math.floor(left / per_step) if per_step > 0 else total)
+        return max(done, min(total, max(fit, self.floor)))
+
+
+def _trade(epochs_done: float, planned_epochs: float, examples: int, budget_s: float, steps: int, planned: int) -> str:
+    what = f"{epochs_done:.2g} of {planned_epochs:.3g} epochs over {examples:,} examples ({steps:,} of {planned:,} steps"
+    return f"{what}, budget {format_duration(budget_s)})"
+
+
+def _examples(batches: list[dict]) -> int:
+    count = 0
+    for batch in batches:
+        first = next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        count += int(first.shape[0]) if first is not None else 1
+    return count
 
 
 def train(
@@ -96,6 +233,9 @@ def train(
     device: str | None = None,
     progress: bool = True,
     label: str = "train",
+    budget_s: float | None = None,
+    min_fraction: float = 0.0,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict:
     """Minimise `objective` over `batches` by AdamW on `params` (default: the model's trainable
     parameters, gradient-clipped to grad_clip); extra optimizers step (and are zeroed) with it, on
@@ -103,22 +243,37 @@ def train(
     stops after that many evaluations every eval_every steps without improvement, and ends with the
     best evaluated weights; without patience `evaluate` only reports the loss before and after.
     device=None leaves the model and batches where they are. Returns steps, losses (per step),
-    evals, eval_loss_before/after, stopped_early (and kept_best when the best weights came back)."""
+    evals, eval_loss_before/after, stopped_early (and kept_best when the best weights came back).
+
+    budget_s (else the enclosing time_budget()'s share left): a wall-time cap. When the planned steps
+    would not fit it trains fewer, never fewer than one past min_fraction of them (the scope's
+    min_fraction when inside one), with the schedule rescaled to end at the new last step; it prints
+    one note and records history["budget"]: budget_s, planned_steps, steps, epochs_done, shortened,
+    over_budget, seconds and trade (a sentence). `clock` is the time source (tests inject one)."""
     hooks = hooks or Hooks()
+    scope = _SCOPE.get() if budget_s is None else None
+    if scope is not None:
+        budget_s, min_fraction, clock = max(0.0, scope.seconds - scope.spent), max(min_fraction, scope.min_fraction), scope.clock
     torch.manual_seed(seed)
     if device is not None:
         model.to(device)
     micro_batches = max(1, math.ceil(epochs * len(batches)))
     total = total_steps(len(batches), epochs, grad_accum, max_steps)
+    every_tenth = eval_every is None  # the default: rescaled with the run when a budget shortens it
     eval_every = eval_every or max(1, total // 10)
     params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
     optimizer = torch.optim.AdamW(params, lr=lr, foreach=foreach)
     scheduler = schedule(optimizer, total, warmup)
     optimizers = [optimizer, *extra_optimizers]
+    planned = total
+    keep_best = bool(evaluate and early_stop_patience)
+    budget = None if budget_s is None else _Budget(budget_s, planned, min_fraction, clock, eval_every if keep_best else None, evaluate is not None)
 
     history = {"steps": 0, "losses": [], "evals": []}
+    eval_started = clock()
     history["eval_loss_before"] = best = evaluate() if evaluate else None
-    keep_best = bool(evaluate and early_stop_patience)
+    if budget is not None and evaluate:
+        budget.evaluated(clock() - eval_started, in_loop=False)
     best_state = _snapshot(model) if keep_best else None
     bad_evals, stopped_early = 0, False
 
@@ -144,6 +299,19 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
             for opt in optimizers:
                 opt.step()
+            if budget is not None and (fit := budget.fits(history["steps"] + 1, total)) < total:
+                # later steps would overrun: end at `fit`; so do the warm-up and the decay (before
+                # scheduler.step, so the next step's rate is already the rescaled one)
+                total = scheduler.lr_lambdas[0].total = fit
+                if every_tenth and keep_best:
+                    eval_every = budget.eval_every = max(1, total // 10)
+                bar.update(task, total=total)
+                if not budget.shortened:
+                    budget.shortened = True
+                    epochs_now = min(epochs, total * grad_accum / len(batches))
+                    note(f"{label}: {planned:,} steps do not fit in the budget of {format_duration(budget.seconds)}: training "
+                         f"{total:,} ({epochs_now:.2g} of {min(epochs, planned * grad_accum / len(batches)):.3g} epochs), "
+                         "warm-up and decay rescaled to end there")
             scheduler.step()
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
@@ -156,7 +324,10 @@ def train(
             status = hooks.status(step_loss) if hooks.status else f"loss {history['losses'][-1]:.4f}"
             bar.update(task, advance=1, status=status)
             if keep_best and history["steps"] % eval_every == 0:
+                eval_started = clock()
                 current = evaluate()
+                if budget is not None:
+                    budget.evaluated(clock() - eval_started)
                 history["evals"].append({"step": history["steps"], "loss": round(current, 6)})
                 if current < best - 1e-12:
                     best, bad_evals = current, 0
@@ -179,7 +350,30 @@ def train(
         history["kept_best"], final = True, best
     model.eval()
     history["eval_loss_after"] = final
+    if budget is not None:
+        history["budget"] = _budget_record(budget, history["steps"], planned, batches, epochs, grad_accum, clock)
+        if scope is not None:
+            scope.spent += history["budget"]["seconds"]
+            scope.runs.append({"label": label, **history["budget"]})
     return history
+
+
+def _budget_record(budget: _Budget, steps: int, planned: int, batches, epochs: float, grad_accum: int, clock) -> dict:
+    seconds = clock() - budget.started
+    epochs_done = steps * grad_accum / len(batches)
+    planned_epochs = min(epochs, planned * grad_accum / len(batches))
+    return {
+        "budget_s": round(budget.seconds, 3),
+        "planned_steps": planned,
+        "steps": steps,
+        "epochs_done": round(min(epochs_done, planned_epochs), 3),
+        "planned_epochs": round(planned_epochs, 3),
+        "shortened": budget.shortened,
+        "over_budget": seconds > budget.seconds,
+        "min_steps": budget.floor,
+        "seconds": round(seconds, 2),
+        "trade": _trade(min(epochs_done, planned_epochs), planned_epochs, _examples(batches), budget.seconds, steps, planned),
+    }
 
 
 def distill(

@@ -191,14 +191,16 @@ class TeacherBank:
 
 class EmbeddingRelation(Objective):
     """KL(softmax(cos(t_i, B) / T) || softmax(cos(s_i, B) / T)) for each sample i, with B the bank of
-    teacher embeddings: this batch's and a FIFO queue of the last `queue_size` (MoCo / CompRess-style
-    memory, so each sample sees many negatives with small batches). Comparing the student with the
+    teacher embeddings other than t_i itself: this batch's and a FIFO queue of the last `queue_size`
+    (MoCo / CompRess-style memory, so each sample sees many neighbours with small batches). Comparing the student with the
     TEACHER's bank, not with its own batch, keeps the loss per sample (no row mixes with another
-    row's student output), which the gate-scoring methods need."""
+    row's student output), which the gate-scoring methods need. The queue is off by default: with it a
+    batch's loss depends on the batches seen before, so scoring methods would rank masks on a moving
+    target (in-batch relations only: deterministic per batch)."""
 
     name = "embedding_relation"
 
-    def __init__(self, teacher, temperature: float = 0.05, queue_size: int = 4096):
+    def __init__(self, teacher, temperature: float = 0.05, queue_size: int = 0):
         super().__init__(teacher)
         self.temperature, self.queue_size = temperature, queue_size
         self.queue: torch.Tensor | None = None
@@ -209,17 +211,24 @@ class EmbeddingRelation(Objective):
     def target_of(self, output, batch):
         embedding = F.normalize(mean_pool(_last_hidden_of(self.teacher, output), batch["attention_mask"]).float(), dim=-1)
         bank = embedding if self.queue is None else torch.cat([embedding, self.queue.to(embedding.device)])
-        self.queue = bank[: self.queue_size].detach()
+        if self.queue_size:
+            self.queue = bank[: self.queue_size].detach()
         return {"embedding": embedding, "bank": TeacherBank(bank)}
 
     def loss_of(self, student, output, batch, targets):
         student_embedding = F.normalize(mean_pool(_last_hidden_of(student, output), batch["attention_mask"]).float(), dim=-1)
         bank = targets["bank"].embeddings
-        teacher_logp = F.log_softmax(targets["embedding"] @ bank.T / self.temperature, dim=-1)
+        teacher_similarity = targets["embedding"] @ bank.T
+        # a text's own teacher embedding (in this batch, or again in the queue) is left out: at a
+        # low temperature it would take nearly all the mass, and the loss would only teach each
+        # text to point at itself (what the cosine does) instead of ranking its neighbours
+        itself = teacher_similarity > 1 - 1e-5
+        teacher_logp = F.log_softmax((teacher_similarity / self.temperature).masked_fill(itself, float("-inf")), dim=-1)
         if bank.shape[-1] != student_embedding.shape[-1]:  # a narrower hidden size meets the bank on its own dims
             bank = F.normalize(_on_student_dims(student, bank, student_embedding.shape[-1]), dim=-1)
-        student_logp = F.log_softmax(student_embedding @ bank.T / self.temperature, dim=-1)
-        return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(dim=-1)
+        student_logp = F.log_softmax((student_embedding @ bank.T / self.temperature).masked_fill(itself, float("-inf")), dim=-1)
+        p = teacher_logp.exp()
+        return (p * (teacher_logp - student_logp)).masked_fill(itself, 0.0).sum(dim=-1)
 
 
 class SumObjective(Objective):

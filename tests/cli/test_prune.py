@@ -180,3 +180,102 @@ def test_int8_prune_times_dense_and_slim_fp32_and_int8_in_one_run(tmp_path):
 def test_int8_without_export_is_refused(setup, tmp_path):
     result = runner.invoke(app, ["prune", str(setup / "model"), "--recipe", "heads-a-star", "-o", str(tmp_path / "o"), "--int8", "--no-export"])
     assert_exit(result, 2, "--int8 needs the ONNX export")
+
+
+# --- issue 16: all the calibration split by default; --budget ----------------------------------------
+
+WITHOUT_CAP = [a for i, a in enumerate(FAST) if "--max-samples" not in FAST[max(0, i - 1) : i + 1]]
+
+
+def test_training_uses_the_whole_calibration_split_by_default(setup, tmp_path):
+    args = ["prune", str(setup / "model"), "--recipe", "heads-a-star", "--data", str(setup / "data.txt"), "--no-export", "--json",
+            *WITHOUT_CAP, "--set", "steps.1.options.max_steps=50"]
+    assert "--max-samples" not in WITHOUT_CAP and len(WITHOUT_CAP) == len(FAST) - 2
+    everything = json.loads(runner.invoke(app, [*args, "-o", str(tmp_path / "a")]).stdout)
+    # 40 sentences, 20% held out: all 32 others train (2 batches of 16: 2 steps of one epoch)
+    assert everything["calibration_examples"] == everything["training_examples"] == 32
+    assert everything["steps"][1]["stats"]["distill"]["steps"] == 2
+    capped = json.loads(runner.invoke(app, [*args, "--max-samples", "16", "-o", str(tmp_path / "b")]).stdout)
+    assert capped["training_examples"] == 16 and capped["steps"][1]["stats"]["distill"]["steps"] == 1
+    assert "budget" not in everything and "budget" not in everything["steps"][1]
+
+
+def test_budget_that_fits_is_reported(setup, tmp_path):
+    result = prune(setup, tmp_path / "o", "--budget", "10m", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["budget"]["seconds"] == 600 and not report["budget"]["shortened"]
+    assert "budget" not in report["steps"][0]  # heads.a_star only scores: no share of the budget
+    run = report["steps"][1]["budget"]["runs"][0]
+    assert report["steps"][1]["budget"]["share_s"] == 600 and run["label"] == "distill" and run["steps"] == run["planned_steps"] == 1
+    assert report["budget"]["trades"] == [f"heads-a-star / distill: {run['trade']}"]
+    assert "Budget: 10 min of training" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_budget_too_small_shortens_training_and_says_what_it_traded(setup, tmp_path):
+    result = prune(setup, tmp_path / "o", "--set", "steps.1.options.epochs=30", "--set", "steps.1.options.max_steps=30",
+                   "--budget", "0.001s", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    run = report["steps"][1]["budget"]["runs"][0]
+    assert run["planned_steps"] == 30 and run["steps"] == 3 and run["shortened"]  # stops after the probe steps
+    assert report["steps"][1]["stats"]["distill"]["steps"] == 3 and report["budget"]["shortened"]
+    assert "3 of 30 epochs over 16 examples (3 of 30 steps, budget 0.001 s)" == run["trade"]
+    assert "30 steps do not fit in the budget" in result.stderr
+    shown = prune(setup, tmp_path / "p", "--set", "steps.1.options.epochs=30", "--set", "steps.1.options.max_steps=30", "--budget", "0.001s")
+    assert shown.exit_code == 0 and "distill: " in shown.stdout and "(trained 3 of 30 epochs" in shown.stdout, shown.stdout
+
+
+@pytest.mark.parametrize("value", ["abc", "10x", "0", "-3m", "nan"])
+def test_bad_budget_is_one_line_exit_2_before_any_work(setup, tmp_path, value):
+    assert_exit(prune(setup, tmp_path / "o", "--budget", value), 2, "--budget")
+    assert not (tmp_path / "o").exists()
+
+
+def test_budget_shares_among_training_steps(setup, tmp_path):
+    """Each training step gets what is left / the training steps left, with its min_train_fraction."""
+    from shrink.train import loop
+
+    registry.all_methods()
+    seen = []
+
+    @registry.register("test.trains", options=registry.NoTarget, trains=True, min_train_fraction=lambda options: 0.25)
+    def trains(ctx, target, options):
+        scope = loop._SCOPE.get()
+        seen.append((scope.seconds, scope.min_fraction))
+        scope.spent += 30  # as if its train() ran 30 s
+        return registry.StepResult()
+
+    @registry.register("test.scores", options=registry.NoTarget)
+    def scores(ctx, target, options):
+        seen.append(loop._SCOPE.get())
+        return registry.StepResult()
+
+    (tmp_path / "r.yaml").write_text("name: shares\nsteps:\n  - method: test.trains\n  - method: test.scores\n  - method: test.trains\n")
+    try:
+        result = runner.invoke(app, ["prune", str(setup / "model"), "--recipe", str(tmp_path / "r.yaml"), "--data", str(setup / "data.txt"),
+                                     "-o", str(tmp_path / "o"), "--no-export", "--budget", "100s", "--json", "--max-samples", "8"])
+    finally:  # registered for this test only
+        for name in ("test.trains", "test.scores"):
+            registry.METHODS.pop(name, None)
+    assert result.exit_code == 0, result.output
+    assert seen == [(50, 0.25), None, (70, 0.25)]
+    assert json.loads(result.stdout)["budget"]["training_s"] == 60
+
+
+def test_budget_cut_l0_still_anneals_to_its_target(setup, tmp_path):
+    """l0 keeps one step past its target_warmup (0.5) of the planned steps: the annealed target has
+    reached the final fraction when a budget stops it."""
+    args = ["prune", str(setup / "model"), "--recipe", "l0-structured", "--data", str(setup / "data.txt"), "-o", str(tmp_path / "o"),
+            "--set", "steps.0.target={params_fraction: 0.5}", "--set", "steps.0.options.epochs=30", "--set", "steps.0.options.max_steps=30",
+            "--set", "steps.1.options.max_steps=2", "--max-samples", "16", "--eval-samples", "8", "--max-length", "32", "--no-export",
+            "--budget", "0.001s", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    run = report["steps"][0]["budget"]["runs"][0]
+    assert (run["label"], run["planned_steps"], run["steps"], run["min_steps"]) == ("l0 gates", 30, 16, 16) and run["over_budget"]
+    stats = report["steps"][0]["stats"]
+    assert stats["training"]["log"][-1]["step"] == 15 and stats["training"]["log"][-1]["target"] == 0.5
+    assert stats["achieved_fraction"] <= 0.5
+    assert report["steps"][1]["budget"]["share_s"] == 0  # l0 used it all: distill runs its planned steps (2, under the probe)

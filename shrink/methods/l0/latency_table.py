@@ -129,5 +129,10 @@ def latency_table(model, seq_len: int = 128, threads: int = 1, rounds: int = 30,
 
 
 def latency_cost(model, seq_len: int = 128, threads: int = 1, rounds: int = 30, refresh: bool = False) -> tuple[LinearCost, dict]:
+    """The table as a LinearCost. With the L0 `hidden` kind, a head's and a neuron's latency are taken
+    as proportional to the kept hidden dims (per_head_hidden = per_head, likewise per neuron; their
+    matrix products are): an approximation the table does not measure. base and the sub-layers'
+    fixed costs stay as measured."""
     table = latency_table(model, seq_len, threads, rounds, refresh)
-    return LinearCost("latency_ms", **table["coefficients_ms"]), table
+    c = table["coefficients_ms"]
+    return LinearCost("latency_ms", **c, per_head_hidden=c["per_head"], per_neuron_hidden=c["per_neuron"]), table

@@ -1,9 +1,10 @@
 """Structured pruning with hard-concrete L0 gates and a Lagrangian controller (method `l0`).
 
 After McCarley et al. 2019 and Wang et al. 2020 (L0 gates on structures, an augmented Lagrangian
-that hits an exact size) and CoFi (Xia et al. 2022: heads, FFN neurons and whole sub-layers gated
-together, with layer-wise distillation). The gates, their distribution and the expected-size model
-are in shrink.methods.l0.hard_concrete; the measured latency model in shrink.methods.l0.latency_table.
+that hits an exact size) and CoFi (Xia et al. 2022: heads, FFN neurons, whole sub-layers and, opt-in
+here, the hidden dims gated together, with layer-wise distillation). The gates, their distribution
+and the expected-size model are in shrink.methods.l0.hard_concrete; the measured latency model in
+shrink.methods.l0.latency_table.
 
 Training, jointly for the model weights theta, the gates' log_alpha and two multipliers:
 
@@ -20,22 +21,41 @@ or the mean-pooled embedding cosine (a base model, e.g. minilm; unlabeled data t
 shrink.train.objectives, trained on the shared loop shrink.train.loop.train).
 
 Targets (exactly one): params_fraction (of the encoder layers' prunable parameters: attention
-projections and FFN weights; the embeddings are not pruned here and are left out), flops_fraction (of
-the whole model's analytic FLOPs at seq_len tokens, shrink.models.flops' convention), or speedup (ONNX
-Runtime, batch 1, seq_len tokens, one thread, from the latency table: fraction = 1 / speedup).
-Cost coefficients per unit, with hidden size H, head size d and s tokens:
+projections and FFN weights; the embeddings, which only the hidden kind narrows, are left out),
+flops_fraction (of the whole model's analytic FLOPs at seq_len tokens, shrink.models.flops'
+convention), or speedup (ONNX Runtime, batch 1, seq_len tokens, one thread, from the latency table:
+fraction = 1 / speedup).
+Cost coefficients per unit, with hidden size H, H_kept = r * H of its dims kept (H_kept = H unless
+`hidden` is pruned; during training r is the expected kept fraction), head size d and s tokens:
 
-    params   per head 4*H*d + 3*d (q, k, v, out weights; q, k, v biases)   per neuron 2*H + 1
-    FLOPs    per head 8*s*H*d + 4*s^2*d                                     per neuron 4*s*H
-             base = FLOPs outside the layers (embedding projections, pooler, task head)
-    latency  measured: see shrink.methods.l0.latency_table
+    params   per head 4*H_kept*d + 3*d (q, k, v, out weights; q, k, v biases)   per neuron 2*H_kept + 1
+    FLOPs    per head 8*s*H_kept*d + 4*s^2*d                                     per neuron 4*s*H_kept
+             base = FLOPs outside the layers (embedding projections, pooler, task head), not scaled
+    latency  measured: see shrink.methods.l0.latency_table; per head and per neuron scaled by r (an
+             approximation: the table measures the full width); base and sub-layer costs not scaled
 
-At the end the gates are made deterministic (l0_gates.L0Gates.final_values: the test-time values,
-then the lowest-log_alpha heads / FFN blocks go until the target holds), the
+The unscaled terms (FLOPs base, latency base and sub-layer fixed costs; the params target never counts
+the embeddings) make the fraction with hidden dims pruned an overestimate: the model is a bit smaller
+than the target says.
+
+The `hidden` kind (opt-in, not in the default `prune`): one gate per `hidden_block` dims of the
+residual stream, shared by all layers, multiplied into the stream wherever it is written (the
+embeddings' output, ELECTRA's embeddings_project, every LayerNorm in the layers; the hooks of
+shrink.methods.stream.gate_stream). An embedding (base) model's output would get narrower: refused
+unless `allow_embedding_width_change: true`.
+
+At the end the gates are made deterministic (hard_concrete.L0Gates.final_values: the test-time values,
+then the lowest-log_alpha heads / FFN blocks / hidden blocks go until the target holds; the stats
+count what this correction removed per kind), the
 deterministic gate values of the kept units are folded into the weights (a head's value scales its
-columns of the attention output projection, a neuron's its column of the FFN output projection), and
-the zero units form the plan that shrink.surgery removes. The slim model equals the gated model
-exactly; a layer left with no heads keeps only LayerNorm(residual + output bias), as with prune_heads([]).
+columns of the attention output projection, a neuron's its column of the FFN output projection, a
+hidden dim's value the weight and bias of every LayerNorm writing the stream, and ELECTRA's
+embeddings_project rows: LN(x) * z = LN with weight * z and bias * z), and the zero units form the
+plan that shrink.surgery removes (KeepHeads, KeepFFN, KeepHidden). Without hidden dims removed the
+slim model equals the gated model exactly; a layer left with no heads keeps only LayerNorm(residual +
+output bias), as with prune_heads([]). Removing hidden dims is NOT exact (as in CoFi): the gated model's
+LayerNorms normalise over all H dims (the dims with z = 0 still carry the sub-layers' outputs before
+the LayerNorm), the slim model's over H_kept; the outputs are close, not equal.
 """
 
 from __future__ import annotations
@@ -49,16 +69,17 @@ from pydantic import Field, model_validator
 from shrink.arch import task_head
 from shrink.errors import BadInputError
 from shrink.methods.base import Context, StepResult, Strict, register
-from shrink.methods.l0.hard_concrete import KINDS, L0Gates, LinearCost
+from shrink.methods.l0.hard_concrete import DEFAULT_KINDS, L0Gates, LinearCost
 from shrink.methods.l0.latency_table import latency_cost
+from shrink.methods.stream import gate_stream, stream_writers
 from shrink.models.flops import model_flops
-from shrink.surgery import KeepFFN, KeepHeads, ffn_per_layer, heads_per_layer, runtime, word_embeddings_of
+from shrink.surgery import KeepFFN, KeepHeads, KeepHidden, ffn_per_layer, heads_per_layer, runtime, word_embeddings_of
 from shrink.surgery.gates import Gates
 from shrink.surgery.ops import adapter_of, head_size, hidden_size, layers_of
 from shrink.train.loop import Hooks, total_steps, train
 from shrink.train.objectives import Objective, SumObjective, choose_objective
 
-Kind = Literal["heads", "ffn", "attention_layers", "ffn_layers"]
+Kind = Literal["heads", "ffn", "attention_layers", "ffn_layers", "hidden"]
 LossKind = Literal["auto", "task", "distill", "hidden_mse"]
 
 
@@ -76,8 +97,11 @@ class L0Target(Strict):
 
 
 class L0Options(Strict):
-    prune: list[Kind] = Field(default_factory=lambda: list(KINDS), min_length=1, description="what the gates may remove")
+    prune: list[Kind] = Field(default_factory=lambda: list(DEFAULT_KINDS), min_length=1,
+                              description="what the gates may remove (hidden: opt-in, not in the default)")
     ffn_block: int = Field(1, ge=1, description="FFN neurons per gate")
+    hidden_block: int = Field(1, ge=1, description="hidden dims per gate (kind hidden)")
+    allow_embedding_width_change: bool = Field(False, description="let the hidden kind narrow a base (embedding) model's output")
     epochs: float = Field(1, gt=0, description="passes over the calibration split")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
     lr: float = Field(5e-5, gt=0, description="learning rate of the model weights")
@@ -103,14 +127,16 @@ def _dims(model) -> tuple[int, int]:
 
 def params_cost(model) -> LinearCost:
     hidden, d = _dims(model)
-    return LinearCost("params", 0.0, 0.0, 4 * hidden * d + 3 * d, 0.0, 2 * hidden + 1)
+    return LinearCost("params", 0.0, 0.0, 4 * hidden * d + 3 * d, 0.0, 2 * hidden + 1,
+                      per_head_hidden=4 * hidden * d, per_neuron_hidden=2 * hidden)
 
 
 def flops_cost(model, seq_len: int) -> LinearCost:
     hidden, d = _dims(model)
     outside = model_flops(model, seq_len)
     base = outside["embeddings"] + outside["head"]
-    return LinearCost("flops", float(base), 0.0, 8 * seq_len * hidden * d + 4 * seq_len**2 * d, 0.0, 4 * seq_len * hidden)
+    return LinearCost("flops", float(base), 0.0, 8 * seq_len * hidden * d + 4 * seq_len**2 * d, 0.0, 4 * seq_len * hidden,
+                      per_head_hidden=8 * seq_len * hidden * d, per_neuron_hidden=4 * seq_len * hidden)
 
 
 def target_cost(model, target: L0Target, options: L0Options) -> tuple[LinearCost, float, dict]:
@@ -128,7 +154,8 @@ def _floor(gates: L0Gates, cost: LinearCost, kinds) -> float:
     """The smallest fraction these gates can reach (every learned unit removed)."""
     heads = [0 if ("heads" in kinds or "attention_layers" in kinds) else n for n in gates.heads]
     ffn = [0 if ("ffn" in kinds or "ffn_layers" in kinds) else n for n in gates.ffn]
-    return cost.of_counts(heads, ffn) / gates.full_cost(cost)
+    hidden = float(gates.hidden_sizes.min()) / gates.hidden if "hidden" in kinds else 1.0  # one block stays
+    return cost.of_counts(heads, ffn, hidden) / gates.full_cost(cost)
 
 
 # --- loss -----------------------------------------------------------------------------------------
@@ -188,10 +215,12 @@ def train_gates(model, teacher, batches: list[dict], gates: L0Gates, cost: Linea
     device = next(model.parameters()).device
     hooks = Gates(model)
     now = {}  # this step's annealed target and expected fraction, for the log and the progress bar
+    stream = gate_stream(model, lambda: now.get("hidden")) if gates.hidden_alpha.numel() else []
 
     def sample(step: int) -> None:
         now["target"] = target + (start - target) * max(0.0, 1 - step / warm)  # annealed target
         hooks.heads, hooks.ffn = gates.values("sample")
+        now["hidden"] = gates.hidden_values("sample")
 
     def lagrangian(step: int) -> torch.Tensor:
         fraction = gates.expected_cost(cost) / full
@@ -219,6 +248,8 @@ def train_gates(model, teacher, batches: list[dict], gates: L0Gates, cost: Linea
         )
     finally:
         hooks.remove()
+        for handle in stream:
+            handle.remove()
         model.eval()
         for p in frozen:
             p.requires_grad_(True)
@@ -231,9 +262,10 @@ def train_gates(model, teacher, batches: list[dict], gates: L0Gates, cost: Linea
 
 
 @torch.no_grad()
-def fold_gates(model, heads: list[torch.Tensor | None], ffn: list[torch.Tensor | None]) -> list:
+def fold_gates(model, heads: list[torch.Tensor | None], ffn: list[torch.Tensor | None], hidden: torch.Tensor | None = None) -> list:
     """Multiply the kept units' gate values into the weights and return the plan removing the zeros.
-    After shrink.surgery applies the plan the model equals the gated one exactly."""
+    After shrink.surgery applies the plan the model equals the gated one exactly, except that removed
+    hidden dims change the LayerNorms' statistics (see the module docstring)."""
     adapter, size = adapter_of(model), head_size(model)
     keep_heads, keep_ffn = {}, {}
     for i, layer in enumerate(layers_of(model)):
@@ -246,7 +278,17 @@ def fold_gates(model, heads: list[torch.Tensor | None], ffn: list[torch.Tensor |
             kept = [j for j in range(gate.numel()) if gate[j] > 0]
             if len(kept) < gate.numel():
                 keep[i] = kept
-    return ([KeepHeads(keep_heads)] if keep_heads else []) + ([KeepFFN(keep_ffn)] if keep_ffn else [])
+    plan = ([KeepHeads(keep_heads)] if keep_heads else []) + ([KeepFFN(keep_ffn)] if keep_ffn else [])
+    if hidden is None:
+        return plan
+    for writer in stream_writers(model):  # LN(x) * z = LN with weight * z, bias * z; a Linear: rows * z
+        out = writer.second if isinstance(writer, runtime.LowRankLinear) else writer
+        z = hidden.to(out.weight)
+        out.weight.mul_(z if isinstance(writer, torch.nn.LayerNorm) else z[:, None])
+        if out.bias is not None:
+            out.bias.mul_(z)
+    kept = [j for j in range(hidden.numel()) if hidden[j] > 0]
+    return plan + ([KeepHidden(kept)] if len(kept) < hidden.numel() else [])
 
 
 def _counts(heads, ffn) -> tuple[list[int], list[int]]:
@@ -254,44 +296,51 @@ def _counts(heads, ffn) -> tuple[list[int], list[int]]:
             [int((f > 0).sum()) if f is not None else 0 for f in ffn])
 
 
-@register("l0", options=L0Options, target=L0Target,
+@register("l0", options=L0Options, target=L0Target, trains=True, min_train_fraction=lambda options: options.target_warmup,
           smoke={"target": {"params_fraction": 0.5}, "options": {"max_steps": 3}})
 def l0(ctx: Context, target: L0Target, options: L0Options) -> StepResult:
-    """Learn hard-concrete L0 gates on heads, FFN neurons and sub-layers to a size/FLOPs/speed target."""
+    """Learn hard-concrete L0 gates on heads, FFN neurons, sub-layers (opt-in: hidden dims) to a size/FLOPs/speed target."""
 
     started = time.perf_counter()
     model = ctx.model
-    heads, ffn = heads_per_layer(model), ffn_per_layer(model)
+    if "hidden" in options.prune and task_head(model) is None and not options.allow_embedding_width_change:
+        raise BadInputError("l0: pruning the hidden dims would make this embedding model's output narrower",
+                            hint="use a task model, drop hidden from prune, or set options.allow_embedding_width_change: true")
+    heads, ffn, width = heads_per_layer(model), ffn_per_layer(model), hidden_size(model)
     cost, wanted, cost_info = target_cost(model, target, options)
-    gates = L0Gates(heads, ffn, options.prune, options.ffn_block, options.log_alpha_init)
+    gates = L0Gates(heads, ffn, options.prune, options.ffn_block, options.log_alpha_init, width, options.hidden_block)
     floor = _floor(gates, cost, options.prune)
     if wanted <= floor + 1e-6:
         what = f"speedup {target.speedup}" if target.speedup else f"{cost.name} fraction {wanted}"
         reach = f"{1 / floor:.2f}x" if target.speedup else f"{floor:.3f}"
         raise BadInputError(
             f"l0: {what} is out of reach: removing every unit of {', '.join(options.prune)} leaves {reach}",
-            hint="prune more kinds (heads, ffn, attention_layers, ffn_layers) or aim lower",
+            hint="prune more kinds (heads, ffn, attention_layers, ffn_layers, hidden) or aim lower",
         )
     terms = loss_terms(options.loss, model, ctx.has_labels)
     history = train_gates(model, ctx.teacher, ctx.calibration, gates, cost, wanted, options, terms, seed=ctx.seed)
-    head_values, blocks, snap = gates.final_values(cost, wanted)
+    head_values, blocks, hidden_values, snap = gates.final_values(cost, wanted)
     ffn_values = gates.expand(blocks)
     head_values = [h if n else None for h, n in zip(head_values, heads)]
     ffn_values = [f if n else None for f, n in zip(ffn_values, ffn)]
-    plan = fold_gates(model, head_values, ffn_values)
+    plan = fold_gates(model, head_values, ffn_values, hidden_values)
 
     kept_heads, kept_ffn = _counts(head_values, ffn_values)
-    achieved = cost.of_counts(kept_heads, kept_ffn) / gates.full_cost(cost)
+    hidden_kept = int((hidden_values > 0).sum()) if hidden_values is not None else width
+    r = hidden_kept / width
+    achieved = cost.of_counts(kept_heads, kept_ffn, r) / gates.full_cost(cost)
     p_cost, f_cost = params_cost(model), flops_cost(model, options.seq_len)
     stats = {
         "target": {k: v for k, v in target.model_dump().items() if v is not None},
         "cost_kind": cost.name,
         "target_fraction": round(wanted, 4),
         "achieved_fraction": round(achieved, 4),
-        "params_fraction": round(p_cost.of_counts(kept_heads, kept_ffn) / p_cost.of_counts(heads, ffn), 4),
-        "flops_fraction": round(f_cost.of_counts(kept_heads, kept_ffn) / f_cost.of_counts(heads, ffn), 4),
+        "params_fraction": round(p_cost.of_counts(kept_heads, kept_ffn, r) / p_cost.of_counts(heads, ffn), 4),
+        "flops_fraction": round(f_cost.of_counts(kept_heads, kept_ffn, r) / f_cost.of_counts(heads, ffn), 4),
         "heads_per_layer": kept_heads,
         "ffn_per_layer": kept_ffn,
+        "hidden_kept": hidden_kept,
+        "hidden_before": width,
         "attention_layers_removed": [i for i, (a, b) in enumerate(zip(heads, kept_heads)) if a and not b],
         "ffn_layers_removed": [i for i, (a, b) in enumerate(zip(ffn, kept_ffn)) if a and not b],
         "loss": terms,

@@ -1,5 +1,5 @@
-"""The relational embedding loss: what it computes, its teacher queue, and that it sees what the
-per-sample cosine cannot (the distances between texts)."""
+"""The relational embedding loss: what it computes (by hand), its teacher queue, a text's own copies
+left out, and that embedding models use it by default."""
 
 from __future__ import annotations
 
@@ -31,8 +31,13 @@ def test_relation_is_the_kl_of_softmaxed_similarities_to_the_teacher_bank():
     targets = loss.target_of(output(teacher), batch_of(4))
     got = loss.loss_of(model, output(student), batch_of(4), targets)
     t, s = F.normalize(teacher, dim=-1), F.normalize(student, dim=-1)
-    p, log_q = F.softmax(t @ t.T / 0.5, dim=-1), F.log_softmax(s @ t.T / 0.5, dim=-1)
-    torch.testing.assert_close(got, (p * (p.log() - log_q)).sum(dim=-1))
+    expected = []
+    for i in range(4):  # by hand: each text against the other texts' teacher embeddings, not its own
+        others = [j for j in range(4) if j != i]
+        p = F.softmax(t[i] @ t[others].T / 0.5, dim=-1)
+        log_q = F.log_softmax(s[i] @ t[others].T / 0.5, dim=-1)
+        expected.append((p * (p.log() - log_q)).sum())
+    torch.testing.assert_close(got, torch.stack(expected))
 
 
 def test_the_queue_keeps_the_latest_teacher_embeddings_first_in_first_out():
@@ -46,27 +51,27 @@ def test_the_queue_keeps_the_latest_teacher_embeddings_first_in_first_out():
     torch.testing.assert_close(loss.queue[3:], F.normalize(first, dim=-1)[:2])
 
 
-def test_relation_sees_a_collapse_of_neighbours_that_the_cosine_barely_sees():
-    """Students that move every text by the same small angle score the same cosine; the one that
-    moves all texts towards a common direction (neighbours blur) pays far more relational loss."""
+def test_a_texts_own_embedding_and_its_copies_are_left_out_of_its_row():
+    """A text seen again (queue) or duplicated in the batch is not its own neighbour: identical teacher
+    and student rows give 0, and a student that differs only in its similarity to the text's copy
+    pays nothing for it."""
     model = tiny_model("bert")
-    torch.manual_seed(1)
-    teacher = F.normalize(torch.randn(64, 16), dim=-1)
-    towards_mean = F.normalize(teacher + 0.6 * F.normalize(teacher.mean(0), dim=0), dim=-1)
-    cosine = float((towards_mean * teacher).sum(-1).mean())
-    noise = torch.randn(64, 16)
-    noise = F.normalize(noise - (noise * teacher).sum(-1, keepdim=True) * teacher, dim=-1)  # orthogonal
-    angle = torch.tensor(cosine).clamp(max=1).acos()
-    jittered = teacher * angle.cos() + noise * angle.sin()  # same mean cosine, random directions
-    relation = EmbeddingRelation(model)
-    targets = relation.target_of(output(teacher), batch_of(64))
-    blurred = relation.loss_of(model, output(towards_mean), batch_of(64), targets).mean()
-    moved = relation.loss_of(model, output(jittered), batch_of(64), targets).mean()
-    cos_loss = EmbeddingCosine(model)
-    cos_targets = cos_loss.target_of(output(teacher), batch_of(64))
-    assert abs(float(cos_loss.loss_of(model, output(towards_mean), batch_of(64), cos_targets).mean())
-               - float(cos_loss.loss_of(model, output(jittered), batch_of(64), cos_targets).mean())) < 0.02
-    assert blurred > moved > 0
+    torch.manual_seed(2)
+    teacher = torch.randn(3, 8)
+    relation = EmbeddingRelation(model, queue_size=16)
+    relation.target_of(output(teacher), batch_of(3))  # the queue now holds copies of these texts
+    targets = relation.target_of(output(teacher), batch_of(3))
+    assert targets["bank"].embeddings.shape[0] == 6
+    assert relation.loss_of(model, output(teacher), batch_of(3), targets).abs().max() < 1e-6
+    assert (relation.loss_of(model, output(torch.randn(3, 8)), batch_of(3), targets) > 0).all()
+
+
+def test_without_a_queue_a_batch_scores_the_same_whatever_came_before():
+    relation = EmbeddingRelation(tiny_model("bert"))
+    first, again = torch.randn(4, 6), torch.randn(4, 6)
+    before = relation.target_of(output(first), batch_of(4))["bank"].embeddings
+    relation.target_of(output(again), batch_of(4))
+    torch.testing.assert_close(relation.target_of(output(first), batch_of(4))["bank"].embeddings, before)
 
 
 def test_embedding_models_distil_with_cosine_and_relation_by_default():
