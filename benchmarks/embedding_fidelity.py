@@ -57,7 +57,6 @@ RUN_DIR = CACHE / "fidelity"
 LAYERS_1_5X = ["steps.0.target.layers_fraction=null", "steps.0.target.layers_count=2"]  # keep 4 of 6
 OLD = {  # the recipe's losses as they were: the per-sample cosine only
     "layer-drop": ["steps.1.options.loss=[embedding_cosine]"],
-    "l0-structured": ["steps.0.options.loss=[embedding_cosine, hidden_mse]", "steps.1.options.loss=[embedding_cosine]"],
 }
 
 

@@ -254,6 +254,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", choices=ROW_NAMES, default=ROW_NAMES)
     parser.add_argument("--redo", action="store_true", help="rebuild the chosen rows even if their results exist")
     parser.add_argument("--time-only", action="store_true", help="only the interleaved timing of the rows already built")
+    parser.add_argument("--no-time", action="store_true", help="build rows only; skip the interleaved timing")
     parser.add_argument("--passes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the training steps")
@@ -268,6 +269,8 @@ def main() -> None:
         for row in (r for r in ROWS if r.name in args.rows):
             if args.redo or not (run_dir / row.name / "row.json").exists():
                 build_row(row, args.task, run_dir, args.seed)
+    if args.no_time:
+        return
     built = [json.loads((run_dir / name / "row.json").read_text()) for name in ["dense", *ROW_NAMES]
              if (run_dir / name / "row.json").exists()]
     labels = {r.name: {"method": r.method, "setting": r.setting, "training": r.training} for r in ROWS}

@@ -411,7 +411,7 @@ def distill(
     device = resolve_device(device)
     started = time.perf_counter()
     has_labels = all("labels" in b for b in train_batches)
-    objective = make_objective(student, teacher, has_labels, loss, temperature)
+    objective = make_objective(student, teacher, has_labels, loss, temperature, training=True)
     student.to(device)
     if teacher is not None:
         teacher.to(device).eval()

@@ -183,7 +183,7 @@ def l0_objective(model, teacher, terms: list[str], options: L0Options) -> Object
         if term == "hidden_mse" and options.hidden_weight == 0:
             continue
         kind = {"distill": distill}.get(term, term)
-        parts.append(choose_objective(model, teacher, term == "task", kind, options.temperature))
+        parts.append(choose_objective(model, teacher, term == "task", kind, options.temperature, training=True))
         weights.append(options.hidden_weight if term == "hidden_mse" else 1.0)
     if not parts:
         raise BadInputError("l0: no loss left to train on (hidden_weight 0 and loss [hidden_mse])", hint="add distill or task to loss")
