@@ -155,7 +155,7 @@ def build_dense(seed: int) -> dict:
     if (out / "row.json").exists():
         return json.loads((out / "row.json").read_text())
     ctx = build_session(MODEL, settings("bundled", seed)).ctx
-    figures = {"name": "dense", "recipe": "-", "setting": "-", "objective": "-", "calibration": "-", "seconds": 0.0,
+    figures = {"name": "dense", "recipe": "dense (the original)", "setting": "-", "objective": "-", "calibration": "-", "seconds": 0.0,
                **export_and_score(ctx, out, holdout_batches(ctx.tokenizer), None)}
     (out / "row.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
     return figures
@@ -202,7 +202,7 @@ def markdown(rows: list[dict], passes: int) -> str:
         t128, t64 = r["timing"]["128"], r["timing"]["64"]
         minutes = f"{r['seconds'] / 60:.1f} min" if r["seconds"] >= 60 else f"{r['seconds']:.0f} s"
         lines.append(
-            f"| {r['recipe']} | {r['setting']} | {r['objective']} | {r['calibration']} | {examples(r)} | {span(t128['speedup'])} "
+            f"| {'dense (the original)' if r['name'] == 'dense' else r['recipe']} | {r['setting']} | {r['objective'] if 'posttrain' not in r['recipe'] else '-'} | {r['calibration']} | {examples(r)} | {span(t128['speedup'])} "
             f"| {span(t64['speedup'])} | {r['fp32']['kjv']['cosine']:.3f} | {r['fp32']['kjv']['recall10']:.3f} "
             f"| {r['fp32']['prompts']['cosine']:.3f} | {r['fp32']['prompts']['recall10']:.3f} | {span(t128['int8_speedup'])} "
             f"| {r['int8']['kjv']['cosine']:.3f} / {r['int8']['kjv']['recall10']:.3f} "
