@@ -181,3 +181,19 @@ def method_context(model, batches=None, evaluation=(), seed: int = 0):
         calibration_batches=lambda n, length, size: batches, evaluation=list(evaluation),
         objective=choose_objective(model, teacher, has_labels=False), has_labels=False, seed=seed,
     )
+
+
+def labeled_method_context(model, labels=(0, 1, 2, 1), batches: int = 2, length: int = 10, evaluation: int = 0):
+    """method_context on `batches` labeled batches (one row per label): the objective is the task
+    loss, which is informative at the original model (a distillation loss has no gradient there).
+    The first `evaluation` batches double as the held-out ones."""
+    from shrink.train.objectives import choose_objective
+
+    data = []
+    for seed in range(batches):
+        batch = tiny_inputs(model, batch=len(labels), length=length, seed=seed)
+        batch["labels"] = torch.tensor(list(labels))
+        data.append(batch)
+    ctx = method_context(model, data, evaluation=data[:evaluation])
+    ctx.objective, ctx.has_labels = choose_objective(model, ctx.teacher, has_labels=True), True
+    return ctx

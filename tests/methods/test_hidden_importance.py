@@ -15,9 +15,8 @@ from shrink.errors import BadInputError
 from shrink.methods.catalog import get_method
 from shrink.methods.hidden import hidden_importance
 from shrink.prune.pipeline import run_step
-from shrink.train.objectives import choose_objective
 
-from helpers import method_context, tiny_inputs, tiny_model, tiny_tokenizer, write_model_and_data
+from helpers import labeled_method_context, method_context, tiny_inputs, tiny_model, tiny_tokenizer, write_model_and_data
 
 DEAD = [3, 7, 11]
 
@@ -29,15 +28,7 @@ def step(ctx, target, **options):
 
 
 def labeled_context(model=None):
-    model = model if model is not None else tiny_model("bert", task="seq")
-    batches = []
-    for seed in range(2):
-        batch = tiny_inputs(model, batch=4, length=10, seed=seed)
-        batch["labels"] = torch.tensor([0, 1, 2, 1])
-        batches.append(batch)
-    ctx = method_context(model, batches)
-    ctx.objective, ctx.has_labels = choose_objective(model, ctx.teacher, has_labels=True), True
-    return ctx
+    return labeled_method_context(model if model is not None else tiny_model("bert", task="seq"))
 
 
 def test_importance_is_the_per_example_derivative_of_scaling_a_stream_dim():

@@ -28,9 +28,8 @@ from shrink.models.hub import load_model
 from shrink.models.slim import save_slim
 from shrink.prune.pipeline import run_step
 from shrink.surgery.gates import Gates
-from shrink.train.objectives import choose_objective
 
-from helpers import ARCHITECTURES, assert_exit, main_output, method_context, tiny_inputs, tiny_model, write_model_and_data
+from helpers import ARCHITECTURES, assert_exit, labeled_method_context, main_output, method_context, tiny_inputs, tiny_model, write_model_and_data
 
 runner = CliRunner()
 
@@ -204,15 +203,7 @@ def test_l0_loss_is_the_shared_objectives_with_one_forward_pass():
 
 
 def labeled_context(seed: int = 0):
-    model = tiny_model("bert", "seq", seed=seed)
-    batches = []
-    for s in range(3):
-        batch = tiny_inputs(model, batch=4, length=10, seed=s)
-        batch["labels"] = torch.tensor([0, 1, 2, 1])
-        batches.append(batch)
-    ctx = method_context(model, batches, evaluation=batches[:1])
-    ctx.objective, ctx.has_labels = choose_objective(model, ctx.teacher, has_labels=True), True
-    return ctx
+    return labeled_method_context(tiny_model("bert", "seq", seed=seed), batches=3, evaluation=1)
 
 
 def run_l0(ctx, target: dict, **options):

@@ -19,22 +19,13 @@ from shrink.prune.recipe import load_recipe, validated
 from shrink.surgery import KeepFFN, KeepHeads, runtime
 from shrink.surgery.gates import Gates
 from shrink.surgery.plan import ScaleUnits
-from shrink.train.objectives import choose_objective
 
-from helpers import main_output, method_context, sharp, tiny_inputs, tiny_model
+from helpers import labeled_method_context, main_output, method_context, sharp, tiny_inputs, tiny_model
 
 
 def labeled_context():
     """A tiny classifier with labels: the objective is the task loss (Kwon's empirical Fisher)."""
-    model = sharp(tiny_model("bert", "seq"))
-    batches = []
-    for s in range(2):
-        batch = tiny_inputs(model, batch=3, length=8, seed=s)
-        batch["labels"] = torch.tensor([0, 1, 2])
-        batches.append(batch)
-    ctx = method_context(model, batches)
-    ctx.objective, ctx.has_labels = choose_objective(model, ctx.teacher, has_labels=True), True
-    return ctx
+    return labeled_method_context(sharp(tiny_model("bert", "seq")), labels=(0, 1, 2), length=8)
 
 
 def step(ctx, target, **options):

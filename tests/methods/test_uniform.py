@@ -13,7 +13,7 @@ from shrink.methods.uniform import unit_importance
 from shrink.prune.pipeline import run_step
 from shrink.surgery.gates import Gates
 
-from helpers import method_context, tiny_inputs, tiny_model
+from helpers import labeled_method_context, method_context, tiny_model
 
 
 def context(arch="bert"):
@@ -28,17 +28,7 @@ def step(ctx, target, **options):
 
 def labeled_context():
     """A tiny classifier with labels: the task loss is informative at the original model."""
-    from shrink.train.objectives import choose_objective
-
-    model = tiny_model("bert", task="seq")
-    batches = []
-    for seed in range(2):
-        batch = tiny_inputs(model, batch=4, length=10, seed=seed)
-        batch["labels"] = torch.tensor([0, 1, 2, 1])
-        batches.append(batch)
-    ctx = method_context(model, batches)
-    ctx.objective, ctx.has_labels = choose_objective(model, ctx.teacher, has_labels=True), True
-    return ctx
+    return labeled_method_context(tiny_model("bert", task="seq"))
 
 
 def test_importance_is_the_summed_per_example_gradient_magnitude_of_each_unit_gate():

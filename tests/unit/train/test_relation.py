@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from shrink.train.objectives import EmbeddingCosine, EmbeddingRelation, make_objective
+from shrink.train.objectives import EmbeddingRelation, make_objective
 
 from helpers import tiny_inputs, tiny_model
 
