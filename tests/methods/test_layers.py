@@ -42,22 +42,30 @@ def test_top_strategy_drops_the_top_layers():
     assert surgery.original_layer_ids(ctx.model) == [0, 1]
 
 
+def greedy_removal(model, score, rounds: int = 2):
+    """The reference of the greedy strategies: each round physically removes (surgery) the layer
+    whose removal leaves the highest score(trial model). Returns the layers left and [(removed, score)]."""
+    model, present, removed = copy.deepcopy(model), list(range(len(surgery.layers_of(model)))), []
+    for _ in range(rounds):
+        scores = {}
+        for layer in present:
+            trial = copy.deepcopy(model)
+            surgery.drop_layers(trial, [present.index(layer)])
+            scores[layer] = score(trial)
+        best = max(scores, key=scores.get)
+        surgery.drop_layers(model, [present.index(best)])
+        present.remove(best)
+        removed.append((best, scores[best]))
+    return present, removed
+
+
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])
 def test_importance_is_greedy_by_the_loss_of_physical_removal(arch):
     ctx = context(arch, layers=4)
     batches, teacher = ctx.calibration, ctx.teacher
     # the reference: greedy with physical removal (surgery), two rounds
-    model, present, expected = copy.deepcopy(ctx.model), [0, 1, 2, 3], []
-    for _ in range(2):
-        losses = {}
-        for layer in present:
-            trial = copy.deepcopy(model)
-            surgery.drop_layers(trial, [present.index(layer)])
-            losses[layer] = objective_loss(trial, choose_objective(trial, teacher, False), batches)
-        best = min(losses, key=losses.get)
-        surgery.drop_layers(model, [present.index(best)])
-        present.remove(best)
-        expected.append((best, losses[best]))
+    present, expected = greedy_removal(ctx.model, lambda trial: -objective_loss(trial, choose_objective(trial, teacher, False), batches))
+    expected = [(layer, -loss) for layer, loss in expected]
     result = step(ctx, {"layers_count": 2}, strategy="importance")
     assert [r["removed"] for r in result.stats["rounds"]] == [layer for layer, _ in expected]
     for got, (_, loss) in zip(result.stats["rounds"], expected):
@@ -90,17 +98,7 @@ def test_similarity_is_greedy_by_the_cka_of_physical_removal(arch, features):
     batches = ctx.calibration
     dense = final_rows(ctx.model, batches, features)
     # the reference: greedy with physical removal (surgery), CKA against the dense model, two rounds
-    model, present, expected = copy.deepcopy(ctx.model), [0, 1, 2, 3], []
-    for _ in range(2):
-        similarity = {}
-        for layer in present:
-            trial = copy.deepcopy(model)
-            surgery.drop_layers(trial, [present.index(layer)])
-            similarity[layer] = gram_cka(dense, final_rows(trial, batches, features))
-        best = max(similarity, key=similarity.get)
-        surgery.drop_layers(model, [present.index(best)])
-        present.remove(best)
-        expected.append((best, similarity[best]))
+    present, expected = greedy_removal(ctx.model, lambda trial: gram_cka(dense, final_rows(trial, batches, features)))
     result = step(ctx, {"layers_count": 2}, strategy="similarity", features=features)
     assert [r["removed"] for r in result.stats["rounds"]] == [layer for layer, _ in expected]
     for got, (_, cka) in zip(result.stats["rounds"], expected):
