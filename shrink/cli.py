@@ -58,7 +58,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COMMANDS = ["info", "recipes", "prune", "eval", "export", "bench"]
+COMMANDS = ["info", "recipes", "prune", "sweep", "eval", "export", "bench"]
 
 
 def _version(value: bool) -> None:

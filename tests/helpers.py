@@ -3,6 +3,7 @@ for CLI runs, and checks used across the test packages (tests/ is on pytest's py
 
 from __future__ import annotations
 
+import json
 import string
 import textwrap
 
@@ -197,3 +198,16 @@ def labeled_method_context(model, labels=(0, 1, 2, 1), batches: int = 2, length:
     ctx = method_context(model, data, evaluation=data[:evaluation])
     ctx.objective, ctx.has_labels = choose_objective(model, ctx.teacher, has_labels=True), True
     return ctx
+
+
+def write_st_files(directory, pooling: dict, modules=("Pooling", "Normalize"), max_seq_length=64):
+    """modules.json + module folders of an ST model whose transformer is `directory` itself."""
+    entries = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    for i, kind in enumerate(modules, start=1):
+        path = f"{i}_{kind}"
+        entries.append({"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"})
+        (directory / path).mkdir(parents=True, exist_ok=True)
+        if kind == "Pooling":
+            (directory / path / "config.json").write_text(json.dumps(pooling))
+    (directory / "modules.json").write_text(json.dumps(entries))
+    (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}))

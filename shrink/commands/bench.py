@@ -32,6 +32,8 @@ def register(app: typer.Typer) -> None:
         max_size_mb: Annotated[Optional[float], typer.Option(help="Gate: every model's file size at most this many MB.")] = None,
         max_quality_drop: Annotated[Optional[float], typer.Option(help="Gate (needs --data): primary metric at most this much below the baseline's.")] = None,
         quality_metric: Annotated[Optional[str], typer.Option(help="The figure --max-quality-drop compares (default: the primary one); e.g. neighbour_recall.")] = None,
+        sweep: Annotated[Optional[Path], typer.Option("--sweep", help="Add each compared model as a row of this sweep.json (speedup at b=1; quality with --data) and redraw its plots; for points comparable with the sweep's use --backend onnx and the original as the first model.")] = None,
+        label: Annotated[Optional[str], typer.Option("--label", help="The row's name in --sweep (default: bench); eval --sweep with the same label fills in the same row.")] = None,
     ) -> None:
         """Benchmark models side by side: interleaved rounds, p50/p90/p99, ratios to the first model."""
         from shrink.commands import cli_errors
@@ -43,6 +45,10 @@ def register(app: typer.Typer) -> None:
             from shrink.measure.thresholds import bench_failures, check_quality_metric, raise_on_failures
 
             check_quality_metric(quality_metric)
+            if sweep is not None:
+                from shrink.prune.sweep import add_bench_rows, load_sweep
+
+                load_sweep(sweep)  # a bad --sweep fails before anything is measured
 
             if max_quality_drop is not None and data is None:
                 raise BadInputError("--max-quality-drop needs --data to measure quality on")
@@ -59,6 +65,8 @@ def register(app: typer.Typer) -> None:
                 markdown.parent.mkdir(parents=True, exist_ok=True)
                 markdown.write_text(to_markdown(result), encoding="utf-8")
                 note(f"wrote {markdown}")
+            if sweep is not None:
+                add_bench_rows(sweep, result, label)
             raise_on_failures(bench_failures(
                 result, max_latency_ratio=max_latency_ratio, min_speedup=min_speedup,
                 max_size_mb=max_size_mb, max_quality_drop=max_quality_drop, quality_metric=quality_metric,

@@ -38,6 +38,8 @@ def register(app: typer.Typer) -> None:
         neighbours: Annotated[int, typer.Option(min=1, help="k of neighbour_recall (embedding models with a teacher).")] = 10,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (torch models; ONNX runs on CPU).")] = "cpu",
         json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+        sweep: Annotated[Optional[Path], typer.Option("--sweep", help="Add the figures as a row of this sweep.json and redraw its plots (no speedup: bench --sweep with the same --label adds it).")] = None,
+        label: Annotated[Optional[str], typer.Option("--label", help="The row's name in --sweep (default: eval).")] = None,
     ) -> None:
         """Measure a model on data: accuracy/macro-F1 or Spearman, and fidelity to a teacher."""
         from shrink.commands import cli_errors
@@ -46,6 +48,10 @@ def register(app: typer.Typer) -> None:
             from shrink.data.examples import read_examples, split_examples
             from shrink.measure.evaluate import batches_for, evaluate, runner_for
 
+            if sweep is not None:
+                from shrink.prune.sweep import add_eval_row, load_sweep
+
+                load_sweep(sweep)  # a bad --sweep fails before anything is measured
             # The data first: a bad file should fail before seconds of model loading.
             examples = read_examples(data, text_column, text_pair_column, label_column)
             if eval_fraction is not None:
@@ -69,6 +75,8 @@ def register(app: typer.Typer) -> None:
                 print_json(document)
             else:
                 show(document)
+            if sweep is not None:
+                add_eval_row(sweep, document, label)
 
 
 def _model_or_path(ref: str, device: str):

@@ -20,6 +20,7 @@ def register(app: typer.Typer) -> None:
         optimize: Annotated[bool, typer.Option("--optimize", help="onnxruntime transformer fusions, kept only if parity holds.")] = False,
         atol: Annotated[float, typer.Option(min=0, help="fp32 parity tolerance (max abs difference).")] = 1e-4,
         min_agreement: Annotated[float, typer.Option(min=0, max=1, help="int8: minimum top-1 agreement / embedding cosine.")] = 0.98,
+        pooling_in_graph: Annotated[bool, typer.Option("--pooling-in-graph", help="Embedding models: the output is the pooled, normalized `sentence_embedding` (the model's own sentence-transformers pooling; mean for a plain model) instead of the token states.")] = False,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
         json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     ) -> None:
@@ -48,6 +49,16 @@ def register(app: typer.Typer) -> None:
             if source.is_dir() and target.resolve().parent == source.resolve() and target.name in {p.name for p in source.iterdir()} and not overwrite:
                 raise BadInputError(f"refusing to write over {target} in the input directory")
             loaded = load_model(model)
+            pooling = None
+            if pooling_in_graph:
+                from shrink.arch import task_head
+                from shrink.models.sentence import pooling_of
+
+                if task_head(loaded) is not None:
+                    raise BadInputError("--pooling-in-graph needs an embedding model; this one has a task head")
+                if int8:
+                    raise BadInputError("--pooling-in-graph and --int8 together are not supported", hint="export the pooled graph in fp32")
+                pooling = pooling_of(loaded)
             try:
                 tokenizer = load_tokenizer(model)
             except BadInputError:
@@ -55,7 +66,7 @@ def register(app: typer.Typer) -> None:
                 note("note: no tokenizer found; parity is checked on random token ids only")
             report = export_onnx(
                 loaded, target, opset=opset, optimize=optimize, int8=int8, atol=atol,
-                min_agreement=min_agreement, tokenizer=tokenizer, overwrite=overwrite,
+                min_agreement=min_agreement, tokenizer=tokenizer, overwrite=overwrite, pooling=pooling,
             )
             report["model"] = model
             if json_output:

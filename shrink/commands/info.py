@@ -46,6 +46,12 @@ def show(summary: dict) -> None:
         f"max positions {summary['max_positions']}"
         + (f", slim ({', '.join(sorted(set(summary['manifest_ops'])))})" if summary["slim"] else "")
     )
+    if summary.get("checkpoint"):
+        out.print(f"checkpoint: {summary['checkpoint']['kind']} ({escape(summary['checkpoint']['why'])})")
+    if summary.get("sentence_transformers"):
+        st = summary["sentence_transformers"]
+        out.print(f"sentence-transformers: {st['pooling']} pooling, {st['dense_modules']} Dense, "
+                  f"{'normalized' if st['normalize'] else 'not normalized'}, max_seq_length {st['max_seq_length']}")
     layers = Table(title="layers", show_edge=False)
     for col in ("layer", "original", "heads", "ffn"):
         layers.add_column(col, justify="right")

@@ -31,6 +31,8 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
         no_export: Annotated[bool, typer.Option("--no-export", help="Skip ONNX export and latency measurement.")] = False,
         int8: Annotated[bool, typer.Option("--int8", help="Also write model-int8.onnx (dynamic int8, settings for this CPU, agreement-gated) and report fp32/int8 speedups against dense fp32 and dense int8, timed in one run.")] = False,
+        pooling_in_graph: Annotated[bool, typer.Option("--pooling-in-graph", help="Embedding models: also write an ONNX whose output is the pooled, normalized `sentence_embedding` (the model's own sentence-transformers pooling), for runtimes with no Python.")] = False,
+        shrink_format: Annotated[bool, typer.Option("--shrink-format", help="Always write the shrink format (manifest + modeling_shrink.py, loads with trust_remote_code), even when a plain config could describe the slim model.")] = False,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
         max_quality_drop: Annotated[Optional[float], typer.Option(help="Exit 1 if the held-out quality drops more than this.")] = None,
         min_speedup: Annotated[Optional[float], typer.Option(help="Exit 1 if the ONNX speedup (slim fp32 vs dense fp32) is below this.")] = None,
@@ -51,13 +53,15 @@ def register(app: typer.Typer) -> None:
             if device not in ("cpu", "cuda"):
                 raise BadInputError(f"--device {device!r}: use cpu or cuda")
             check_quality_metric(quality_metric)
-            if int8 and no_export:
-                raise BadInputError("--int8 needs the ONNX export", hint="drop --no-export")
+            for flag, given in (("--int8", int8), ("--pooling-in-graph", pooling_in_graph)):
+                if given and no_export:
+                    raise BadInputError(f"{flag} needs the ONNX export", hint="drop --no-export")
             budget_s = parse_duration(budget, "--budget") if budget is not None else None
             settings = PruneSettings(
                 data=data, eval_data=eval_data, text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
                 eval_fraction=eval_fraction, max_samples=max_samples, eval_samples=eval_samples, max_length=max_length, seed=seed,
                 device=device, export=not no_export, int8=int8, overwrite=overwrite, overrides=list(set_ or []), budget=budget_s,
+                pooling_in_graph=pooling_in_graph, standard_checkpoint=not shrink_format,
             )
             report = run_prune(model, recipe, output, settings)
             if json_output:

@@ -32,3 +32,14 @@ def cpu_description() -> str:
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
     flags = cpu_flags()
     return f"{model} ({', '.join(f for f in INT8_FLAGS if f in flags) or 'no AVX2'})"
+
+
+def quantization_name(flags: set[str] | None = None) -> str:
+    """The name sentence-transformers gives an int8 export for this CPU (arm64, avx2, avx512,
+    avx512_vnni): its ONNX backend looks for onnx/model_qint8_<name>.onnx."""
+    flags = cpu_flags() if flags is None else flags
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        return "arm64"
+    if "avx512_vnni" in flags:
+        return "avx512_vnni"
+    return "avx512" if "avx512f" in flags else "avx2"

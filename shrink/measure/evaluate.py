@@ -9,7 +9,8 @@ Metrics, each present only when it applies:
                             with sentence pairs, the cosine of the two embeddings
     top1_agreement          share of argmax predictions equal to the teacher's (task heads)
     logits_kl               mean KL(teacher || model) of the softmax outputs (task heads)
-    embedding_cosine        mean cosine of mean-pooled embeddings with the teacher's (base models)
+    embedding_cosine        mean cosine of sentence embeddings with the teacher's (base models; each
+                            pooled as the model pools: its sentence-transformers modules, else mean)
     neighbour_recall        share of each text's k nearest neighbours under the teacher (cosine, the
                             other evaluation texts) that are also among its k nearest under the model:
                             what a search index built on the model keeps (base models; k in neighbour_k)
@@ -29,10 +30,10 @@ from shrink.arch import logits_of, model_inputs, task_head
 from shrink.console import progress as progress_bar
 from shrink.data.examples import make_batches
 from shrink.errors import BadInputError, CorruptCheckpointError
-from shrink.measure.onnx_session import graph_feed, session
+from shrink.measure.onnx_session import checkpoint_dir, graph_feed, session
 from shrink.models.hub import load_model
+from shrink.models.sentence import MEAN, pooling_of, read_pooling
 from shrink.train.device import to_device
-from shrink.train.objectives import mean_pool
 
 # --- runners: one call per batch, the same answers from torch and ONNX -------------------------
 
@@ -43,6 +44,11 @@ class TorchRunner:
         self.kind = "embedding" if task_head(model) is None else "logits"
         self.config = model.config
         self.device = next(model.parameters()).device
+        self.pooling = pooling_of(model)
+
+    def embed(self, out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token states -> the model's sentence embedding (its own pooling)."""
+        return self.pooling.embed(out, mask)
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> torch.Tensor:
@@ -55,7 +61,8 @@ class TorchRunner:
 
 class OnnxRunner:
     """An exported model run by onnxruntime. Feeds only the inputs the graph declares; reads the
-    output named `logits` (task heads) or `last_hidden_state` (base models)."""
+    output named `logits` (task heads), `last_hidden_state` (base models; pooled as the checkpoint
+    the file sits in pools, see shrink.models.sentence) or `sentence_embedding` (pooled in the graph)."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
@@ -63,14 +70,21 @@ class OnnxRunner:
             raise BadInputError(f"ONNX file {path} does not exist")
         self.session = session(path, threads=None)  # evaluation: throughput, all cores
         self.inputs = [i.name for i in self.session.get_inputs()]
-        self.config = _sibling_config(path)  # for label names: export writes model.onnx beside config.json
+        checkpoint = checkpoint_dir(path)
+        self.config = _sibling_config(checkpoint, path)  # for label names
+        self.pooling = (read_pooling(str(checkpoint)) if checkpoint else None) or MEAN
         outputs = [o.name for o in self.session.get_outputs()]
         if "logits" in outputs:
             self.output, self.kind = "logits", "logits"
+        elif "sentence_embedding" in outputs:
+            self.output, self.kind, self.pooling = "sentence_embedding", "embedding", None
         elif "last_hidden_state" in outputs:
             self.output, self.kind = "last_hidden_state", "embedding"
         else:
-            raise BadInputError(f"{path} has outputs {outputs}; expected `logits` or `last_hidden_state`")
+            raise BadInputError(f"{path} has outputs {outputs}; expected `logits`, `last_hidden_state` or `sentence_embedding`")
+
+    def embed(self, out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return out if self.pooling is None else self.pooling.embed(out, mask)
 
     def __call__(self, batch: dict) -> torch.Tensor:
         missing = [name for name in self.inputs if name not in batch]
@@ -79,13 +93,13 @@ class OnnxRunner:
         return torch.from_numpy(self.session.run([self.output], graph_feed(self.session, batch))[0]).float()
 
 
-def _sibling_config(path: Path):
+def _sibling_config(checkpoint: Path | None, path: Path):
     import json
     from types import SimpleNamespace
 
-    config_file = path.parent / "config.json"
-    if not config_file.is_file():
+    if checkpoint is None:
         return None  # then labels must be class ids
+    config_file = checkpoint / "config.json"
 
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -193,15 +207,15 @@ def evaluate(model, batches: list[dict] | None = None, *, examples=None, tokeniz
             mask = batch["attention_mask"]
             out = runner(batch)
             pooled = runner.kind == "embedding"
-            outputs.append(mean_pool(out, mask) if pooled else out)
+            outputs.append(runner.embed(out, mask) if pooled else out)
             masks.append(mask)
             if teacher_runner is not None:
                 t = teacher_runner(batch)
-                teacher_outputs.append(mean_pool(t, mask) if pooled else t)
+                teacher_outputs.append(teacher_runner.embed(t, mask) if pooled else t)
             if "labels" in batch:
                 labels.append(batch["labels"])
             if pooled and "pair" in batch:
-                other = mean_pool(runner(batch["pair"]), batch["pair"]["attention_mask"])
+                other = runner.embed(runner(batch["pair"]), batch["pair"]["attention_mask"])
                 pair_cos.append(F.cosine_similarity(outputs[-1], other, dim=-1))
             bar.update(task, advance=1)
 

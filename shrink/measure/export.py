@@ -5,7 +5,7 @@
 The graph takes `input_ids`, `attention_mask` and, for families that use them, `token_type_ids`
 (the names Optimum and sentence-transformers use), with dynamic batch and sequence axes, and returns
 `last_hidden_state` (base models), `logits` (classification, token classification, masked LM) or
-`start_logits` + `end_logits` (question answering).
+`start_logits` + `end_logits` (question answering); with `pooling`, the pooled `sentence_embedding`.
 
 After export, torch and onnxruntime run the same inputs: random ids at several lengths and real
 sentences. fp32 must match within `atol` (default 1e-4) or the export fails with InternalError
@@ -34,6 +34,7 @@ from shrink.errors import BadInputError, InternalError, OutputExistsError
 from shrink.measure.cpu import VNNI_FLAGS, cpu_flags
 from shrink.measure.onnx_session import graph_feed, session
 from shrink.models.info import tensor_bytes
+from shrink.models.sentence import SentenceEmbedder
 from shrink.surgery.ops import adapter_of
 from shrink.surgery.runtime import max_sequence_length
 
@@ -158,7 +159,8 @@ def _write_onnx(model, path: Path, inputs: list[str], outputs: list[str], opset:
     example = tuple(torch.ones(2, 8, dtype=torch.long) for _ in inputs)
     axes = {name: {0: "batch", 1: "sequence"} for name in inputs}
     for name in outputs:
-        axes[name] = {0: "batch"} if name == "logits" and task_head(model) == "sequence" else {0: "batch", 1: "sequence"}
+        pooled = name == "sentence_embedding" or (name == "logits" and task_head(model) == "sequence")
+        axes[name] = {0: "batch"} if pooled else {0: "batch", 1: "sequence"}
     import warnings
 
     with warnings.catch_warnings():
@@ -288,8 +290,11 @@ def export_onnx(
     min_agreement: float = 0.98,
     tokenizer=None,
     overwrite: bool = True,
+    pooling=None,
 ) -> dict:
-    """Export, check, then move into place atomically. Returns what was done and measured."""
+    """Export, check, then move into place atomically. Returns what was done and measured. With
+    `pooling` (a shrink.models.sentence.SentencePooling) the graph's output is the pooled
+    `sentence_embedding` [batch, dim] instead of the token states."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise BadInputError(f"{path} exists", hint="pass --overwrite or choose another -o")
@@ -297,6 +302,8 @@ def export_onnx(
     started = time.perf_counter()
     model = model.eval().float()
     inputs, outputs = input_names(model), output_names(model)
+    if pooling is not None:
+        model, outputs = SentenceEmbedder(model, pooling).eval(), ["sentence_embedding"]
     feeds = parity_inputs(model, tokenizer, parity_batches)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp-") as scratch:

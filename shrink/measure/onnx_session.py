@@ -30,3 +30,14 @@ def graph_feed(sess, batch: dict) -> dict:
     more: labels, or an attention_mask a graph with no attention left does not read)."""
     declared = {i.name for i in sess.get_inputs()}
     return {k: v.cpu().numpy().astype(np.int64) for k, v in batch.items() if k in declared}
+
+
+def checkpoint_dir(path: Path) -> Path | None:
+    """The checkpoint an exported file belongs to: its directory (model.onnx beside config.json) or,
+    for onnx/model.onnx (where sentence-transformers looks), the one above; None for a lone file."""
+    for directory in (path.parent, path.parent.parent):
+        if (directory / "config.json").is_file():
+            return directory
+        if directory.name != "onnx":
+            break
+    return None

@@ -27,6 +27,7 @@ from shrink.errors import BadInputError
 from shrink.methods.base import Context, StepResult, Strict, register
 from shrink.methods.posttrain import example_losses
 from shrink.methods.stream import gate_stream
+from shrink.models.sentence import check_hidden_pruning
 from shrink.surgery import hidden_size
 from shrink.surgery.plan import KeepHidden
 
@@ -85,6 +86,7 @@ def prune_hidden_dims(ctx: Context, target: HiddenTarget, options: HiddenOptions
     if task_head(ctx.model) is None and not options.allow_embedding_width_change:
         raise BadInputError("hidden.importance would make this embedding model's output narrower",
                             hint="use a task model, or set options.allow_embedding_width_change: true")
+    check_hidden_pruning(ctx.model)
     total = hidden_size(ctx.model)
     keep = target.count(total)
     batches = ctx.calibration_batches(options.calibration_samples, options.max_length, options.batch_size)

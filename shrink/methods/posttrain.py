@@ -24,7 +24,7 @@ Transformers" (NeurIPS). Four phases, all on the calibration split:
 Approximations, where this differs from the paper:
 - Unlabeled data: a distillation objective is at its minimum when every mask is 1, so its gradients
   vanish and carry no Fisher. Without labels the per-example loss is a random projection
-  <v_i, f(x_i)>, v_i ~ N(0, I), of the model's output f (logits, or the mean-pooled embedding of a
+  <v_i, f(x_i)>, v_i ~ N(0, I), of the model's output f (logits, or the sentence embedding of a
   base model): E[g g^T] is then the Gauss-Newton matrix J^T J, the Fisher of a unit-variance
   Gaussian on f. With labels it is Kwon's empirical Fisher of the task loss.
 - The least-squares systems are built from their normal equations (k x k per sub-layer), streamed
@@ -58,7 +58,7 @@ from shrink.surgery import ffn_per_layer, heads_per_layer, runtime
 from shrink.surgery.gates import Gates
 from shrink.surgery.ops import adapter_of, head_size, layers_of
 from shrink.surgery.plan import KeepFFN, KeepHeads, ScaleUnits
-from shrink.train.objectives import forward, mean_pool
+from shrink.train.objectives import forward, sentence_embedding
 
 RIDGE = 1e-4  # times the mean diagonal of the normal equations
 CLAMP = 10.0  # Kwon's bound on a tuned scale
@@ -98,11 +98,11 @@ def informative(objective) -> bool:
 
 
 def model_output(model, batch: dict) -> torch.Tensor:
-    """[batch, ...] what the surrogate loss projects: logits (padding zeroed), or the mean-pooled
-    last hidden state of a base model."""
+    """[batch, ...] what the surrogate loss projects: logits (padding zeroed), or the sentence
+    embedding of a base model (its own pooling)."""
     output = forward(model, batch)
     if task_head(model) is None:
-        return mean_pool(output.last_hidden_state, batch["attention_mask"])
+        return sentence_embedding(model, output, batch)
     logits = logits_of(output)
     if logits.dim() == 3 and logits.shape[1] == batch["attention_mask"].shape[1]:  # one row per token
         logits = logits * batch["attention_mask"][:, :, None].to(logits.dtype)

@@ -1,7 +1,8 @@
 """Model references: a local directory, a packaged alias, a short alias, or any Hugging Face Hub id.
 
 `load_model(ref)` returns the model class the config's `architectures` names (base model or a
-supported task head), so task heads survive pruning. A slim checkpoint (config.json with a `shrink`
+supported task head), so task heads survive pruning; a sentence-transformers model carries its
+pooling (shrink.models.sentence). A slim checkpoint (config.json with a `shrink`
 manifest) is rebuilt by shrink.models.slim, strictly. Failures are one-line ModelNotFoundError (exit 2).
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from shrink.arch import model_class
 from shrink.console import note
 from shrink.errors import BadInputError, CorruptCheckpointError, ModelNotFoundError
+from shrink.models.sentence import attach, read_pooling
 from shrink.models.slim import load_slim
 from shrink.surgery.ops import check_supported
 
@@ -148,6 +150,7 @@ def load_model(ref: str, device: str = "cpu"):
         if info.get("missing_keys"):
             missing = sorted(info["missing_keys"])
             print(f"note: {len(missing)} weights were not in {ref} and start untrained: {', '.join(missing[:4])}", file=sys.stderr)
+    attach(model, read_pooling(resolved))  # a sentence-transformers model: its own pooling everywhere
     return model.to(device).eval()
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from shrink.models.sentence import pooling_of
+from shrink.models.slim import checkpoint_kind, read_provenance
 from shrink.surgery import runtime
 from shrink.surgery.ops import adapter_of, ffn_per_layer, head_size, heads_per_layer, hidden_size, layers_of, original_layer_ids
 
@@ -61,17 +63,29 @@ def tensor_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _original_layers(model, manifest: dict) -> list[int]:
+    """Original ids of the layers present; a standard checkpoint's config counts only the layers it
+    has, so its ids come from the manifest in shrink.json."""
+    if getattr(model.config, "shrink", None) or not manifest:
+        return original_layer_ids(model)
+    dropped = sum(len(op.get("layers", [])) for op in manifest.get("ops", []) if op.get("op") == "drop_layers")
+    return runtime.kept_layer_ids(manifest, len(layers_of(model)) + dropped)
+
+
 def describe(model, resolved: str | None = None) -> dict:
     adapter = adapter_of(model)
     config = model.config
     params = params_by_component(model)
     manifest = getattr(config, "shrink", None) or {}
+    pooling = pooling_of(model)
+    if not manifest and resolved and Path(resolved).is_dir():  # a standard checkpoint keeps it in shrink.json
+        manifest = (read_provenance(resolved) or {}).get("manifest") or {}
     return {
         "model_type": config.model_type,
         "architecture": type(model).__name__,
         "task_head": None if model is runtime.base_model(model) else type(model).__name__,
         "num_layers": len(layers_of(model)),
-        "original_layers": original_layer_ids(model),
+        "original_layers": _original_layers(model, manifest),
         "heads_per_layer": heads_per_layer(model),
         "ffn_per_layer": ffn_per_layer(model),
         "hidden_size": hidden_size(model),  # the stream's width now: a hidden op narrows it, the config keeps the original
@@ -83,4 +97,7 @@ def describe(model, resolved: str | None = None) -> dict:
         "size_on_disk_bytes": size_on_disk(resolved) if resolved else None,
         "slim": bool(manifest.get("ops")),
         "manifest_ops": [op["op"] for op in manifest.get("ops", [])],
+        # which kind of checkpoint shrink wrote (standard: plain config; shrink: manifest + runtime)
+        "checkpoint": checkpoint_kind(resolved) if resolved and Path(resolved).is_dir() else None,
+        "sentence_transformers": pooling.summary() if pooling.is_sentence_transformer else None,
     }

@@ -5,6 +5,13 @@
     modeling_shrink.py  runtime.py verbatim + two generated classes, for trust_remote_code
     tokenizer files     copied from the source
 
+A slim structure that the architecture's own config can describe (layers dropped and one FFN width
+in every layer, nothing else changed) is written as a STANDARD checkpoint instead: a plain config
+with the new layer count and FFN width, no `shrink` key, no `auto_map`, no modeling_shrink.py, so
+vanilla `AutoModel.from_pretrained` and every runtime that reads HF configs load it; the manifest
+(what was removed, from which model) goes to shrink.json. `standard_config(model)` decides, and says
+why not when it cannot.
+
 `load_slim(dir)` builds the ORIGINAL architecture from the config, replays the manifest to get the
 slim shapes, and loads the weights strictly: any missing, unexpected or mis-shaped tensor is an
 error, never a silent re-initialisation.
@@ -28,6 +35,7 @@ from shrink.surgery.ops import check_supported, manifest_of
 
 WEIGHTS_FILE = "model.safetensors"
 MODELING_FILE = "modeling_shrink.py"
+PROVENANCE_FILE = "shrink.json"  # a standard checkpoint's manifest (its config.json has none)
 
 
 # --- atomic output directories ------------------------------------------------------------------
@@ -186,29 +194,105 @@ def provenance() -> dict:
     return {"shrink": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def write_checkpoint(model, directory: Path, tokenizer=None, extra_manifest: dict | None = None) -> None:
-    """Write a slim checkpoint into an existing (empty) directory."""
+def standard_config(model):
+    """(config, why): a plain config of the model's own architecture that builds exactly the slim
+    shapes, or (None, why not). Only dropped layers and one FFN width in every layer fit: a removed
+    head changes the head size the config implies, a hidden op the stream the config names, a
+    factorized or compressed module is not in the architecture at all."""
+    import copy
+
+    import torch
+
+    manifest = manifest_of(model)
+    others = sorted({op["op"] for op in manifest.get("ops", [])} - {"drop_layers", "ffn"})
+    if others:
+        return None, f"its {', '.join(others)} ops need shrink's runtime (modeling_shrink.py)"
+    adapter = runtime.adapter_for(model.config)
+    layers = runtime.get_module(runtime.base_model(model), adapter.layers)
+    if not layers:
+        return None, "no layer is left"
+    widths = set()
+    for layer in layers:
+        if not runtime.layer_has_ffn(adapter, layer):
+            return None, "a layer with no FFN neurons left needs shrink's runtime"
+        widths.add(runtime.get_module(layer, adapter.ffn_in).out_features)
+    if len(widths) > 1:
+        return None, f"the FFN width differs between layers ({min(widths)}..{max(widths)}), one config value cannot say it"
+    config = copy.deepcopy(model.config)
+    for attr in ("shrink", "auto_map"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    setattr(config, adapter.num_layers_attr, len(layers))
+    setattr(config, adapter.ffn_size_attr, widths.pop())
+    config.architectures = [type(model).__name__]
+    with torch.device("meta"):  # the plain architecture's shapes, without allocating it
+        plain = model_class(config)(config)
+    expected = {k: tuple(v.shape) for k, v in plain.state_dict().items()}
+    actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if expected != actual:
+        differ = sorted(set(expected.items()) ^ set(actual.items()))[:1]
+        return None, f"the plain architecture's tensors differ from the slim ones ({differ[0][0] if differ else '?'})"
+    kinds = {op["op"] for op in manifest.get("ops", [])}
+    what = " and ".join(filter(None, [
+        "layers were dropped" if "drop_layers" in kinds else "",
+        f"every layer's FFN has {getattr(config, adapter.ffn_size_attr)} neurons" if "ffn" in kinds else "",
+    ]))
+    return config, f"{what or 'no shape changed'}: the architecture's own config describes it, so vanilla transformers loads it"
+
+
+def write_checkpoint(model, directory: Path, tokenizer=None, extra_manifest: dict | None = None, standard: bool = True) -> dict:
+    """Write a slim checkpoint into an existing (empty) directory. Returns {"kind": "standard" or
+    "shrink", "why": ...}: standard (a plain config, see standard_config) when `standard` and the
+    shapes allow it."""
     from safetensors.torch import save_model
 
     manifest = manifest_of(model)
     manifest.update(extra_manifest or {})
     manifest["versions"] = provenance()
-    config = model.config
-    config.auto_map = auto_map(model)
-    config.architectures = [type(model).__name__]
-    config.save_pretrained(directory)
+    plain, why = standard_config(model) if standard else (None, "a shrink checkpoint was asked for")
+    if plain is not None:
+        plain.save_pretrained(directory)
+        record = {"checkpoint": "standard", "why": why, "manifest": manifest}
+        (directory / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    else:
+        config = model.config
+        config.auto_map = auto_map(model)
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(directory)
+        (directory / MODELING_FILE).write_text(remote_code(model), encoding="utf-8")
     save_model(model, str(directory / WEIGHTS_FILE))
     os.chmod(directory / WEIGHTS_FILE, 0o666 & ~umask())  # safetensors writes 0600; like any file the user writes
-    (directory / MODELING_FILE).write_text(remote_code(model), encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    return {"kind": "standard" if plain is not None else "shrink", "why": why}
 
 
-def save_slim(model, out: str | Path, tokenizer=None, overwrite: bool = False, extra_manifest: dict | None = None) -> Path:
-    """Save atomically to `out` and return its path."""
+def checkpoint_kind(directory: str | Path) -> dict | None:
+    """{"kind", "why"} of a checkpoint shrink wrote (None for one it did not)."""
+    directory = Path(directory)
+    record = read_provenance(directory)
+    if record is not None:
+        return {"kind": "standard", "why": record.get("why", "")}
+    if read_manifest(directory):
+        return {"kind": "shrink", "why": "its shapes need shrink's runtime: load with trust_remote_code=True or shrink.load"}
+    return None
+
+
+def read_provenance(directory: str | Path) -> dict | None:
+    """shrink.json of a standard checkpoint, or None."""
+    try:
+        record = json.loads((Path(directory) / PROVENANCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def save_slim(model, out: str | Path, tokenizer=None, overwrite: bool = False, extra_manifest: dict | None = None, standard: bool = True) -> Path:
+    """Save atomically to `out` and return its path (a standard checkpoint where the shapes allow,
+    unless standard=False)."""
     out = Path(out)
     with atomic_directory(out, overwrite) as tmp:
-        write_checkpoint(model, tmp, tokenizer, extra_manifest)
+        write_checkpoint(model, tmp, tokenizer, extra_manifest, standard)
     return out.resolve()
 
 

@@ -19,15 +19,19 @@ from shrink.console import note
 from shrink.data.examples import make_batches, read_examples, split_examples
 from shrink.errors import BadInputError
 from shrink.measure.bench import bench
+from shrink.measure.cpu import quantization_name
 from shrink.measure.evaluate import evaluate
 from shrink.measure.export import export_onnx
 from shrink.methods.base import Context
 from shrink.models.flops import model_flops
 from shrink.models.hub import display_name, load_model, load_tokenizer, resolve
 from shrink.models.info import describe
+from shrink.models.sentence import pooling_of, write_modules
 from shrink.models.slim import atomic_directory, check_output_dir, write_checkpoint
+from shrink.prune.card import write_model_card
 from shrink.prune.recipe import Recipe, load_recipe, validated
 from shrink.prune.report import write_prune_report
+from shrink.surgery.ops import hidden_size
 from shrink.train.device import resolve_device, to_device
 from shrink.train.loop import format_duration, parse_duration, time_budget
 from shrink.train.objectives import choose_objective
@@ -51,6 +55,8 @@ class PruneSettings:
     device: str = "cpu"
     export: bool = True
     int8: bool = False  # also write model-int8.onnx and time dense/slim fp32/int8 in one run
+    pooling_in_graph: bool = False  # also an ONNX whose output is the pooled `sentence_embedding`
+    standard_checkpoint: bool = True  # a plain config (no trust_remote_code) where the shapes allow
     overwrite: bool = False
     overrides: list[str] = field(default_factory=list)
     # wall time for all the training of the run, in seconds, or a duration ("10m", "90s", "1.5h"; a
@@ -105,6 +111,10 @@ def build_session(model_ref: str, settings: PruneSettings) -> Session:
     settings.device = resolve_device(settings.device)  # a clear error when CUDA is asked for but absent
     model = load_model(model_ref, device=settings.device)
     tokenizer = load_tokenizer(model_ref)
+    longest = pooling_of(model).max_seq_length  # a sentence-transformers model's own input limit
+    if longest and settings.max_length > longest:
+        note(f"note: {model_ref} encodes at most {longest} tokens (sentence_bert_config.json); --max-length {settings.max_length} -> {longest}")
+        settings.max_length = longest
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -141,6 +151,18 @@ def build_session(model_ref: str, settings: PruneSettings) -> Session:
     return Session(ctx, calibration, held_out)
 
 
+def fresh_student(session: Session, seed: int) -> Session:
+    """The session with a fresh copy of its original model as the student, the seeds reset as
+    build_session sets them; the teacher and the data are the same objects."""
+    import dataclasses
+
+    import torch
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    return Session(dataclasses.replace(session.ctx, model=copy.deepcopy(session.ctx.model)), session.calibration, session.held_out)
+
+
 def run_step(ctx: Context, method, options, target) -> tuple:
     """Run one method, apply its plan through shrink.surgery. Returns (result, seconds)."""
     started = time.perf_counter()
@@ -150,8 +172,12 @@ def run_step(ctx: Context, method, options, target) -> tuple:
     return result, round(time.perf_counter() - started, 2)
 
 
-def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None, settings: PruneSettings | None = None) -> dict:
-    """Run the recipe chain on a model and write the slim checkpoint, ONNX and report. Returns the report."""
+def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None, settings: PruneSettings | None = None,
+          session: Session | None = None) -> dict:
+    """Run the recipe chain on a model and write the slim checkpoint, ONNX and report. Returns the report.
+
+    `session`: one that build_session made for this model and settings (shrink sweep: the teacher and the
+    data loaded once for every run); its model is never changed, the run prunes a fresh copy of it."""
 
     settings = settings or PruneSettings()
     started = time.perf_counter()
@@ -165,8 +191,10 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
     if budget is not None and not any(method.trains for _, _, method, _, _ in steps):
         note(f"--budget {format_duration(budget)}: no step of {', '.join(r.name for r in recipes)} trains, so it changes nothing")
 
-    session = build_session(model_ref, settings)
+    session = build_session(model_ref, settings) if session is None else fresh_student(session, settings.seed)
     ctx = session.ctx
+    if settings.pooling_in_graph and task_head(ctx.model) is not None:
+        raise BadInputError("--pooling-in-graph needs an embedding model; this one has a task head", hint="drop --pooling-in-graph")
     for recipe, step, method, _, _ in steps:
         if method.needs_labels and not ctx.has_labels:
             raise BadInputError(
@@ -223,13 +251,20 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
     }
 
     model.cpu(), teacher.cpu()  # checkpoints, ONNX export and CPU latency are measured on the CPU
+    pooling = pooling_of(model)
+    if pooling.is_sentence_transformer:
+        report["sentence_transformers"] = pooling.summary()
     with atomic_directory(out, settings.overwrite) as tmp:
-        write_checkpoint(model, tmp, tokenizer, manifest_extra)
+        report["checkpoint"] = write_checkpoint(model, tmp, tokenizer, manifest_extra, standard=settings.standard_checkpoint)
+        write_modules(tmp, pooling, hidden_size(model))  # a sentence-transformers model stays one
         if settings.export:
-            report["onnx"] = export_and_bench(teacher, model, tmp, tokenizer, evaluation, int8=settings.int8)
+            report["onnx"] = export_and_bench(
+                teacher, model, tmp, tokenizer, evaluation, int8=settings.int8, pooling_in_graph=settings.pooling_in_graph,
+            )
         report["seconds_total"] = round(time.perf_counter() - started, 1)
 
         write_prune_report(report, tmp)
+        write_model_card(report, tmp)  # README.md: the Hub model card (replaces a copied source card)
     return report
 
 
@@ -276,24 +311,40 @@ def quality(model, batches, teacher) -> dict:
     return evaluate(model, batches, teacher=teacher)
 
 
-def export_and_bench(teacher, model, directory: Path, tokenizer, evaluation, int8: bool = False) -> dict:
+def onnx_files(model) -> dict[str, str]:
+    """Where the exports go, relative to the checkpoint: model.onnx and model-int8.onnx beside it;
+    for a sentence-transformers model where its ONNX backend looks (onnx/model.onnx and
+    onnx/model_qint8_<cpu>.onnx, named as sentence-transformers names int8 exports)."""
+    if pooling_of(model).is_sentence_transformer:
+        return {"fp32": "onnx/model.onnx", "int8": f"onnx/model_qint8_{quantization_name()}.onnx", "pooled": "onnx/sentence_embedding.onnx"}
+    return {"fp32": "model.onnx", "int8": "model-int8.onnx", "pooled": "sentence_embedding.onnx"}
+
+
+def export_and_bench(teacher, model, directory: Path, tokenizer, evaluation, int8: bool = False, pooling_in_graph: bool = False) -> dict:
     """model.onnx (parity-gated) for the slim model, and ONNX Runtime latency of original vs slim,
     interleaved in one run (b=1, s=128, one thread). With int8 also model-int8.onnx (agreement-gated)
     and a dense int8 export, all four timed in the same run (so each int8 speedup is against dense
     fp32 and against dense int8 on the same machine at the same moment), and the held-out quality of
-    both int8 models."""
+    both int8 models. With pooling_in_graph (base models) also an ONNX whose output is the pooled,
+    normalized `sentence_embedding`, parity-gated like the others (not timed). Paths: onnx_files."""
     import tempfile
 
-    slim = export_onnx(model, directory / "model.onnx", tokenizer=tokenizer, parity_batches=evaluation[:2])
+    files = onnx_files(model)
+    slim = export_onnx(model, directory / files["fp32"], tokenizer=tokenizer, parity_batches=evaluation[:2])
+    pooled = None
+    if pooling_in_graph:  # (prune refused it for task heads before any work)
+        pooled = export_onnx(model, directory / files["pooled"], tokenizer=tokenizer, parity_batches=evaluation[:2], pooling=pooling_of(model))
     with tempfile.TemporaryDirectory() as scratch:
         original = export_onnx(teacher, Path(scratch) / "original.onnx", tokenizer=tokenizer, parity_batches=evaluation[:1])
         timed = [original["path"], slim["path"]]
         if int8:
-            slim_int8 = export_onnx(model, directory / "model-int8.onnx", int8=True, tokenizer=tokenizer, parity_batches=evaluation[:2])
+            slim_int8 = export_onnx(model, directory / files["int8"], int8=True, tokenizer=tokenizer, parity_batches=evaluation[:2])
             original_int8 = export_onnx(teacher, Path(scratch) / "original-int8.onnx", int8=True, tokenizer=tokenizer, parity_batches=evaluation[:1])
             timed += [original_int8["path"], slim_int8["path"]]
         latency = bench(timed, batch_sizes=(1,), seq_lengths=(128,), threads=1)
         result = {"export": slim, "original_export": original, "bench": latency}
+        if pooled is not None:
+            result["pooled_export"] = pooled
         if int8:
             result["int8"] = int8_summary(latency, slim_int8, original_int8, {
                 "dense": evaluate(original_int8["path"], evaluation, teacher=teacher, progress=False),

@@ -16,7 +16,8 @@ gates gives k independent scores in one pass (shrink.methods.heads.scoring relie
     logits_kl         KL(teacher || student) of temperature-softened logits, times T^2
     hidden_mse        hidden-state MSE, student layer i against the teacher layer it came from
                       (shrink.surgery.original_layer_ids), so dropped layers are handled
-    embedding_cosine  1 - cos of mean-pooled last hidden states (sentence embedding models)
+    embedding_cosine  1 - cos of the sentence embeddings (the model's own sentence-transformers pooling:
+                      CLS, mean, ...; mean pooling for a plain model)
     embedding_relation  relational KD: KL between the teacher's and the student's softmaxed cosine
                       similarities of each sample to a bank of teacher embeddings (this batch and a
                       queue of recent ones), so the distances BETWEEN texts are kept, not only each
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 from shrink.arch import logits_of, model_inputs, task_head
 from shrink.errors import BadInputError
+from shrink.models.sentence import pooling_of
 from shrink.surgery import original_hidden_ids, original_layer_ids
 from shrink.train.device import to_device
 
@@ -51,6 +53,12 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over real tokens: the sentence-transformers pooling of all-MiniLM and friends."""
     mask = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+def sentence_embedding(model, output, batch: dict) -> torch.Tensor:
+    """The model's sentence embedding of a batch: its own sentence-transformers pooling (CLS, mean,
+    ..., Dense, Normalize; shrink.models.sentence), mean pooling for a plain model."""
+    return pooling_of(model).embed(_last_hidden_of(model, output), batch["attention_mask"])
 
 
 def forward(model, batch: dict, hidden: bool = False):
@@ -179,10 +187,10 @@ class EmbeddingCosine(Objective):
         return task_head(model) is not None
 
     def target_of(self, output, batch):
-        return {"embedding": mean_pool(_last_hidden_of(self.teacher, output), batch["attention_mask"])}
+        return {"embedding": sentence_embedding(self.teacher, output, batch)}
 
     def loss_of(self, student, output, batch, targets):
-        embedding = mean_pool(_last_hidden_of(student, output), batch["attention_mask"])
+        embedding = sentence_embedding(student, output, batch)
         return 1 - F.cosine_similarity(embedding, _on_student_dims(student, targets["embedding"], embedding.shape[-1]), dim=-1)
 
 
@@ -215,14 +223,14 @@ class EmbeddingRelation(Objective):
         return task_head(model) is not None
 
     def target_of(self, output, batch):
-        embedding = F.normalize(mean_pool(_last_hidden_of(self.teacher, output), batch["attention_mask"]).float(), dim=-1)
+        embedding = F.normalize(sentence_embedding(self.teacher, output, batch).float(), dim=-1)
         bank = embedding if self.queue is None else torch.cat([embedding, self.queue.to(embedding.device)])
         if self.queue_size:
             self.queue = bank[: self.queue_size].detach()
         return {"embedding": embedding, "bank": TeacherBank(bank)}
 
     def loss_of(self, student, output, batch, targets):
-        student_embedding = F.normalize(mean_pool(_last_hidden_of(student, output), batch["attention_mask"]).float(), dim=-1)
+        student_embedding = F.normalize(sentence_embedding(student, output, batch).float(), dim=-1)
         bank = targets["bank"].embeddings
         teacher_similarity = targets["embedding"] @ bank.T
         # a text's own teacher embedding (in this batch, or again in the queue) is left out: at a

@@ -16,7 +16,7 @@ from torch import nn
 from shrink.arch import model_inputs
 from shrink.errors import BadInputError, ShrinkError
 from shrink.measure.export import export_onnx
-from shrink.measure.onnx_session import session
+from shrink.measure.onnx_session import checkpoint_dir, session
 from shrink.models.flops import model_flops
 from shrink.models.hub import load_model, resolve
 from shrink.models.info import WEIGHT_FILES, files_size, params_by_component, size_on_disk, tensor_bytes
@@ -95,11 +95,13 @@ def onnx_target(path: Path, name: str, threads: int, model: nn.Module | None = N
 
 def checkpoint_beside(path: Path) -> nn.Module | None:
     """`shrink prune` (and `shrink export -o DIR/model.onnx`) leave the checkpoint next to the ONNX
-    file; loading it gives exact FLOPs, parameters by component and the maximum length."""
-    if not (path.parent / "config.json").is_file():
+    file (or one folder up, for onnx/model.onnx); loading it gives exact FLOPs, parameters by
+    component and the maximum length."""
+    checkpoint = checkpoint_dir(path)
+    if checkpoint is None:
         return None
     try:
-        return load_model(str(path.parent))
+        return load_model(str(checkpoint))
     except ShrinkError:
         return None  # a config.json of something else: fall back to what the graph tells
 

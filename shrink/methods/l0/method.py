@@ -73,6 +73,7 @@ from shrink.methods.l0.hard_concrete import DEFAULT_KINDS, L0Gates, LinearCost
 from shrink.methods.l0.latency_table import latency_cost
 from shrink.methods.stream import gate_stream, stream_writers
 from shrink.models.flops import model_flops
+from shrink.models.sentence import check_hidden_pruning
 from shrink.surgery import KeepFFN, KeepHeads, KeepHidden, ffn_per_layer, heads_per_layer, runtime, word_embeddings_of
 from shrink.surgery.gates import Gates
 from shrink.surgery.ops import adapter_of, head_size, hidden_size, layers_of
@@ -306,6 +307,8 @@ def l0(ctx: Context, target: L0Target, options: L0Options) -> StepResult:
     if "hidden" in options.prune and task_head(model) is None and not options.allow_embedding_width_change:
         raise BadInputError("l0: pruning the hidden dims would make this embedding model's output narrower",
                             hint="use a task model, drop hidden from prune, or set options.allow_embedding_width_change: true")
+    if "hidden" in options.prune:
+        check_hidden_pruning(model)
     heads, ffn, width = heads_per_layer(model), ffn_per_layer(model), hidden_size(model)
     cost, wanted, cost_info = target_cost(model, target, options)
     gates = L0Gates(heads, ffn, options.prune, options.ffn_block, options.log_alpha_init, width, options.hidden_block)

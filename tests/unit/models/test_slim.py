@@ -73,7 +73,7 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(slim, "remote_code", boom)
+    monkeypatch.setattr(slim, "provenance", boom)  # inside write_checkpoint, in the temporary directory
     with pytest.raises(KeyboardInterrupt):
         save_slim(tiny_model("bert"), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
