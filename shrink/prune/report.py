@@ -76,6 +76,7 @@ def to_markdown(report: dict) -> str:
         "|---|---|---|---|",
     ]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in headline_rows(report)]
+    lines += ["", checkpoint_line(report)] if report.get("checkpoint") else []
     lines += budget_lines(report)
     lines += ["", "## Steps", "", "| recipe | method | seconds | what it did |", "|---|---|---|---|"]
     for step in report["steps"]:
@@ -83,6 +84,13 @@ def to_markdown(report: dict) -> str:
         did = ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, dict))[:400]
         lines.append(f"| {step['recipe']} | {step['method']} | {step['seconds']} | {did} |")
     return "\n".join(lines) + "\n"
+
+
+def checkpoint_line(report: dict) -> str:
+    """Which kind of checkpoint was written and why (shrink.models.slim.standard_config)."""
+    kind = report["checkpoint"]
+    loads = "vanilla transformers loads it" if kind["kind"] == "standard" else "load it with shrink.load or trust_remote_code=True"
+    return f"Checkpoint: {kind['kind']} ({loads}): {kind['why']}."
 
 
 def budget_lines(report: dict) -> list[str]:
@@ -112,5 +120,7 @@ def show(report: dict) -> None:
     for step in report["steps"]:
         trades = "; ".join(run["trade"] for run in step.get("budget", {}).get("runs", []))
         out.print(f"  {step['recipe']} / {step['method']}: {step['seconds']} s" + (f" (trained {trades})" if trades else ""), markup=False)
+    if report.get("checkpoint"):
+        out.print("  " + checkpoint_line(report), markup=False)
     if report.get("budget"):
         out.print("  " + budget_lines(report)[1], markup=False)

@@ -137,6 +137,7 @@ def test_dropped_layers_give_a_standard_checkpoint_that_vanilla_transformers_loa
     assert "auto_map" not in config and "shrink" not in config and config["num_hidden_layers"] == 1  # layers_count: 2 of 3 go
     assert not (out / "modeling_shrink.py").exists()
     assert json.loads((out / "shrink.json").read_text())["manifest"]["ops"][0]["op"] == "drop_layers"
+    assert "Checkpoint: standard (vanilla transformers loads it)" in (out / "report.md").read_text()
     vanilla = AutoModel.from_pretrained(str(out)).eval()  # no trust_remote_code
     ours = shrink.load(str(out))
     batch = shrink.load_tokenizer(str(out))(TEXTS, padding=True, return_tensors="pt")
