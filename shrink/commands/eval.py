@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
             teacher_ref = teacher or _default_teacher(model)
             teacher_runner = runner_for(_model_or_path(teacher_ref, device)) if teacher_ref else None
             tok = _tokenizer(tokenizer, model)
-            batches = batches_for(runner, examples, tok, max_length, batch_size)
+            batches = batches_for(runner, examples, tok, max_length, batch_size, _teacher_tokenizer(teacher_ref, tok))
             if teacher_runner is None and examples.labels is None:
                 note("note: no labels and no teacher, so there is nothing to score (pass --teacher REF or --label-column)")
             result = evaluate(runner, batches, teacher=teacher_runner, neighbours=neighbours)
@@ -124,6 +124,21 @@ def _tokenizer(tokenizer: str | None, model: str):
             raise BadInputError(f"no tokenizer beside {model}", hint="pass --tokenizer REF")
         return load_tokenizer(str(directory.resolve()))
     return load_tokenizer(model)
+
+
+def _teacher_tokenizer(teacher: str | None, tokenizer):
+    """The teacher's own tokenizer where its vocabulary differs from the model's (the model's was
+    pruned: embedding.vocab), so that each is fed its own ids; None where they are the same (or the
+    teacher has no tokenizer of its own)."""
+    from shrink.errors import BadInputError
+
+    if teacher is None:
+        return None
+    try:
+        own = _tokenizer(None, teacher)
+    except BadInputError:
+        return None
+    return own if own.get_vocab() != tokenizer.get_vocab() else None
 
 
 def _sample(examples, samples: int, seed: int):

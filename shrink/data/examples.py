@@ -294,13 +294,16 @@ def label_ids(labels: list, mapping: dict | None) -> list:
 # --- tokenization and batching ----------------------------------------------------------------
 
 
-def make_batches(tokenizer, ex: Examples, *, max_length=128, batch_size=16, max_samples=None, label_ids=None, seed=0, pair_encoding="cross") -> list[dict]:
+def make_batches(tokenizer, ex: Examples, *, max_length=128, batch_size=16, max_samples=None, label_ids=None, seed=0, pair_encoding="cross",
+                 teacher_tokenizer=None) -> list[dict]:
     """Length-sorted batches with dynamic padding (each batch padded to its own longest example).
 
     max_samples: a seeded random subset (all examples when there are fewer, with a warning).
     label_ids: a model, config, or label2id dict to map labels with; None keeps numeric labels.
     pair_encoding: "cross" encodes (text, pair) as one sequence (cross-encoders, classifiers);
         "separate" encodes the pair texts on their own under batch["pair"] (bi-encoders).
+    teacher_tokenizer: another tokenizer (the original, after vocabulary pruning): each batch also
+        holds the same rows in its tokenization under batch["teacher"] (what the teacher is fed).
     """
     import torch
 
@@ -321,6 +324,10 @@ def make_batches(tokenizer, ex: Examples, *, max_length=128, batch_size=16, max_
     pair_encoded = tokenizer(ex.pairs, truncation=True, max_length=max_length) if ex.pairs is not None and not cross else None
     lengths = [len(ids) + (len(pair_encoded["input_ids"][i]) if pair_encoded else 0) for i, ids in enumerate(encoded["input_ids"])]
     order = sorted(range(len(ex)), key=lambda i: (lengths[i], i))  # stable: ties keep file order
+    teacher = None
+    if teacher_tokenizer is not None:
+        teacher = (teacher_tokenizer(ex.texts, ex.pairs if cross else None, truncation=True, max_length=max_length),
+                   teacher_tokenizer(ex.pairs, truncation=True, max_length=max_length) if pair_encoded is not None else None)
 
     batches = []
     for start in range(0, len(order), batch_size):
@@ -328,6 +335,10 @@ def make_batches(tokenizer, ex: Examples, *, max_length=128, batch_size=16, max_
         batch = _pad(tokenizer, encoded, rows)
         if pair_encoded is not None:
             batch["pair"] = _pad(tokenizer, pair_encoded, rows)
+        if teacher is not None:
+            batch["teacher"] = _pad(teacher_tokenizer, teacher[0], rows)
+            if teacher[1] is not None:
+                batch["teacher"]["pair"] = _pad(teacher_tokenizer, teacher[1], rows)
         if labels is not None:
             values = [labels[i] for i in rows]
             dtype = torch.float32 if any(isinstance(v, float) for v in values) else torch.long

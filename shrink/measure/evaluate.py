@@ -16,6 +16,8 @@ Metrics, each present only when it applies:
                             what a search index built on the model keeps (base models; k in neighbour_k)
 
 `model` and `teacher` are torch models or paths to .onnx files (run with onnxruntime, same metrics).
+A batch may carry the teacher's own tokenization of its rows under batch["teacher"] (the student's
+vocabulary was pruned): the teacher then reads that, and fidelity compares per text.
 """
 
 from __future__ import annotations
@@ -209,9 +211,10 @@ def evaluate(model, batches: list[dict] | None = None, *, examples=None, tokeniz
             pooled = runner.kind == "embedding"
             outputs.append(runner.embed(out, mask) if pooled else out)
             masks.append(mask)
-            if teacher_runner is not None:
-                t = teacher_runner(batch)
-                teacher_outputs.append(teacher_runner.embed(t, mask) if pooled else t)
+            if teacher_runner is not None:  # the teacher's own tokenization of the rows, after vocabulary pruning
+                own = batch.get("teacher", batch)
+                t = teacher_runner(own)
+                teacher_outputs.append(teacher_runner.embed(t, own["attention_mask"]) if pooled else t)
             if "labels" in batch:
                 labels.append(batch["labels"])
             if pooled and "pair" in batch:
@@ -269,9 +272,10 @@ def fidelity(outputs: list[torch.Tensor], teacher_outputs: list[torch.Tensor], m
     return {"top1_agreement": agree / count, "logits_kl": kl / count}
 
 
-def batches_for(runner, examples, tokenizer, max_length: int, batch_size: int) -> list[dict]:
+def batches_for(runner, examples, tokenizer, max_length: int, batch_size: int, teacher_tokenizer=None) -> list[dict]:
     """Batches for this model: class labels mapped through its config; sentence pairs encoded
-    separately for embedding models (bi-encoder cosine), jointly for task heads (cross-encoder)."""
+    separately for embedding models (bi-encoder cosine), jointly for task heads (cross-encoder).
+    teacher_tokenizer: the teacher's own where it differs (a pruned vocabulary): batch["teacher"]."""
 
     if examples is None or tokenizer is None:
         raise ValueError("evaluate needs batches, or examples and a tokenizer")
@@ -288,4 +292,5 @@ def batches_for(runner, examples, tokenizer, max_length: int, batch_size: int) -
         )
     label_ids = runner.config if runner.kind == "logits" else None
     encoding = "separate" if runner.kind == "embedding" else "cross"
-    return make_batches(tokenizer, examples, max_length=max_length, batch_size=batch_size, label_ids=label_ids, pair_encoding=encoding)
+    return make_batches(tokenizer, examples, max_length=max_length, batch_size=batch_size, label_ids=label_ids, pair_encoding=encoding,
+                        teacher_tokenizer=teacher_tokenizer)

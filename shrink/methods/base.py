@@ -40,6 +40,9 @@ class StepResult:
     # order; None or []: the step changes no shape
     plan: list | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    # a rewritten tokenizer the plan's new token ids need (embedding.vocab): the pipeline saves it and
+    # re-tokenizes the student's data with it (shrink.prune.pipeline.follow_vocabulary)
+    tokenizer: Any = None
 
 
 @dataclass(frozen=True)
@@ -92,3 +95,7 @@ class Context:
     has_labels: bool
     device: str = "cpu"
     seed: int = 0
+    # the pipeline's (tokenizer) -> (calibration, calibration_batches, evaluation, held-out stats): the
+    # same data tokenized anew for the student, each batch with the teacher's tokenization of its rows
+    # under batch["teacher"]; None where the data are ids only (a vocabulary step renumbers them)
+    retokenize: Callable | None = None

@@ -196,7 +196,8 @@ def provenance() -> dict:
 
 def standard_config(model):
     """(config, why): a plain config of the model's own architecture that builds exactly the slim
-    shapes, or (None, why not). Only dropped layers and one FFN width in every layer fit: a removed
+    shapes, or (None, why not). Only dropped layers, one FFN width in every layer and a pruned
+    vocabulary (whose op keeps config.vocab_size and the special token ids current) fit: a removed
     head changes the head size the config implies, a hidden op the stream the config names, a
     factorized or compressed module is not in the architecture at all."""
     import copy
@@ -204,7 +205,7 @@ def standard_config(model):
     import torch
 
     manifest = manifest_of(model)
-    others = sorted({op["op"] for op in manifest.get("ops", [])} - {"drop_layers", "ffn"})
+    others = sorted({op["op"] for op in manifest.get("ops", [])} - {"drop_layers", "ffn", "vocab"})
     if others:
         return None, f"its {', '.join(others)} ops need shrink's runtime (modeling_shrink.py)"
     adapter = runtime.adapter_for(model.config)
@@ -236,6 +237,7 @@ def standard_config(model):
     what = " and ".join(filter(None, [
         "layers were dropped" if "drop_layers" in kinds else "",
         f"every layer's FFN has {getattr(config, adapter.ffn_size_attr)} neurons" if "ffn" in kinds else "",
+        f"the vocabulary has {config.vocab_size} tokens" if "vocab" in kinds else "",  # the config already says so
     ]))
     return config, f"{what or 'no shape changed'}: the architecture's own config describes it, so vanilla transformers loads it"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from shrink.models.hub import display_name, load_model, load_tokenizer, resolve
 from shrink.models.info import describe
 from shrink.models.sentence import pooling_of, write_modules
 from shrink.models.slim import atomic_directory, check_output_dir, write_checkpoint
+from shrink.models.vocab_tokenizer import tokenization_change
 from shrink.prune.card import write_model_card
 from shrink.prune.recipe import Recipe, load_recipe, validated
 from shrink.prune.report import write_prune_report
@@ -129,12 +131,22 @@ def build_session(model_ref: str, settings: PruneSettings) -> Session:
     # an embedding model encodes the two texts of a pair separately (bi-encoder); a classifier jointly
     pair_encoding = "separate" if task_head(model) is None else "cross"
 
-    def batches(ex, samples, max_length, batch_size):
+    def batches(ex, samples, max_length, batch_size, student=tokenizer):
         made = make_batches(
-            tokenizer, ex, max_length=max_length, batch_size=batch_size, max_samples=samples,
+            student, ex, max_length=max_length, batch_size=batch_size, max_samples=samples,
             label_ids=model if has_labels else None, seed=settings.seed, pair_encoding=pair_encoding,
+            teacher_tokenizer=tokenizer if student is not tokenizer else None,
         )
         return [to_device(b, settings.device) for b in made]  # methods then never move tensors
+
+    def retokenize(student):
+        """The data for a student with its own tokenizer (a pruned vocabulary); the teacher keeps the original's."""
+        return (
+            batches(calibration, settings.max_samples, settings.max_length, settings.batch_size, student),
+            lambda n, length, size: batches(calibration, n, length, size, student),
+            batches(held_out, settings.eval_samples, settings.max_length, settings.batch_size, student),
+            tokenization_change(tokenizer, student, held_out.texts),
+        )
 
     ctx = Context(
         model=model,
@@ -147,6 +159,7 @@ def build_session(model_ref: str, settings: PruneSettings) -> Session:
         has_labels=has_labels,
         device=settings.device,
         seed=settings.seed,
+        retokenize=retokenize,
     )
     return Session(ctx, calibration, held_out)
 
@@ -164,12 +177,73 @@ def fresh_student(session: Session, seed: int) -> Session:
 
 
 def run_step(ctx: Context, method, options, target) -> tuple:
-    """Run one method, apply its plan through shrink.surgery. Returns (result, seconds)."""
+    """Run one method, apply its plan through shrink.surgery; after a vocabulary change the student's
+    data follow (follow_vocabulary). Returns (result, seconds)."""
     started = time.perf_counter()
+    vocab_size = ctx.model.config.vocab_size
     result = method.fn(ctx, target, options)
     surgery.apply(ctx.model, result.plan)  # the method chose the order of its ops
     ctx.model.eval()
+    if ctx.model.config.vocab_size != vocab_size:
+        follow_vocabulary(ctx, result)
     return result, round(time.perf_counter() - started, 2)
+
+
+def follow_vocabulary(ctx: Context, result) -> None:
+    """The student's token ids changed (embedding.vocab): give it data in the new ids, each batch with
+    the teacher's own tokenization of its rows under batch["teacher"]. With texts (the pipeline's
+    ctx.retokenize) and the step's rewritten tokenizer the data are tokenized anew and the step's stats
+    get how the held-out tokenization changed; data that are ids only are renumbered."""
+    import torch
+
+    if result.tokenizer is not None and ctx.retokenize is not None:
+        ctx.calibration, ctx.calibration_batches, ctx.evaluation, change = ctx.retokenize(result.tokenizer)
+        ctx.tokenizer = result.tokenizer
+        result.stats["held_out_tokenization"] = change
+        return
+    kept = torch.tensor(surgery.original_token_ids(ctx.model))
+    new_id = torch.full((int(kept.max()) + 1,), -1, dtype=torch.long)
+    new_id[kept] = torch.arange(len(kept))
+    if result.tokenizer is not None:
+        ctx.tokenizer = result.tokenizer
+    pad = ctx.model.config.pad_token_id if isinstance(ctx.model.config.pad_token_id, int) else 0
+    subset = ctx.calibration_batches
+    ctx.calibration, ctx.evaluation = RenumberedBatches(ctx.calibration, new_id, pad), list(RenumberedBatches(ctx.evaluation, new_id, pad))
+    ctx.calibration_batches = lambda n, length, size: list(RenumberedBatches(subset(n, length, size), new_id, pad))
+
+
+class RenumberedBatches(Sequence):
+    """Batches of ids in the new numbering of a pruned vocabulary, renumbered when read (the teacher's
+    ids under batch["teacher"]); a padding position becomes the padding token, any other id that was
+    not kept is an error."""
+
+    def __init__(self, batches, new_id, pad: int):
+        self.batches, self.new_id, self.pad = batches, new_id, pad
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self.renumbered(self.batches[index])
+
+    def renumbered(self, batch: dict) -> dict:
+        def ids(part: dict) -> dict:
+            values = part["input_ids"]
+            new = self.new_id.to(values.device)[values.clamp(max=len(self.new_id) - 1)]
+            new[values >= len(self.new_id)] = -1
+            if "attention_mask" in part:
+                new[part["attention_mask"] == 0] = self.pad
+            if bool((new < 0).any()):
+                raise BadInputError("the data hold token ids that the vocabulary step removed", hint="give the Context a tokenizer and texts")
+            return {**part, "input_ids": new}
+
+        teacher = batch.get("teacher") or {k: v for k, v in batch.items() if k != "labels"}
+        result = ids({k: v for k, v in batch.items() if k != "teacher"})
+        if "pair" in batch:
+            result["pair"] = ids(batch["pair"])
+        return {**result, "teacher": teacher}
 
 
 def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None, settings: PruneSettings | None = None,
@@ -225,6 +299,10 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
         if scope is not None:
             spent += scope.spent
             step_reports[-1]["budget"] = {"share_s": round(share, 3), "training_s": round(scope.spent, 1), "runs": scope.runs}
+    # after a vocabulary step the student has its own tokenizer and data (the teacher's rows under
+    # batch["teacher"]); the original's export and figures keep the original tokenizer and data
+    original_tokenizer, original_evaluation = tokenizer, evaluation
+    tokenizer, evaluation = ctx.tokenizer, ctx.evaluation
     quality_after = quality(model, evaluation, teacher)
 
     report = {
@@ -260,6 +338,7 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
         if settings.export:
             report["onnx"] = export_and_bench(
                 teacher, model, tmp, tokenizer, evaluation, int8=settings.int8, pooling_in_graph=settings.pooling_in_graph,
+                original=(original_tokenizer, original_evaluation),
             )
         report["seconds_total"] = round(time.perf_counter() - started, 1)
 
@@ -320,14 +399,19 @@ def onnx_files(model) -> dict[str, str]:
     return {"fp32": "model.onnx", "int8": "model-int8.onnx", "pooled": "sentence_embedding.onnx"}
 
 
-def export_and_bench(teacher, model, directory: Path, tokenizer, evaluation, int8: bool = False, pooling_in_graph: bool = False) -> dict:
+def export_and_bench(teacher, model, directory: Path, tokenizer, evaluation, int8: bool = False, pooling_in_graph: bool = False,
+                     original: tuple | None = None) -> dict:
     """model.onnx (parity-gated) for the slim model, and ONNX Runtime latency of original vs slim,
     interleaved in one run (b=1, s=128, one thread). With int8 also model-int8.onnx (agreement-gated)
     and a dense int8 export, all four timed in the same run (so each int8 speedup is against dense
     fp32 and against dense int8 on the same machine at the same moment), and the held-out quality of
     both int8 models. With pooling_in_graph (base models) also an ONNX whose output is the pooled,
-    normalized `sentence_embedding`, parity-gated like the others (not timed). Paths: onnx_files."""
+    normalized `sentence_embedding`, parity-gated like the others (not timed). Paths: onnx_files.
+    `original`: (tokenizer, batches) of the original model where the slim one has its own (a pruned
+    vocabulary); default the same as the slim model's."""
     import tempfile
+
+    teacher_tokenizer, teacher_evaluation = original or (tokenizer, evaluation)
 
     files = onnx_files(model)
     slim = export_onnx(model, directory / files["fp32"], tokenizer=tokenizer, parity_batches=evaluation[:2])
@@ -335,11 +419,12 @@ def export_and_bench(teacher, model, directory: Path, tokenizer, evaluation, int
     if pooling_in_graph:  # (prune refused it for task heads before any work)
         pooled = export_onnx(model, directory / files["pooled"], tokenizer=tokenizer, parity_batches=evaluation[:2], pooling=pooling_of(model))
     with tempfile.TemporaryDirectory() as scratch:
-        original = export_onnx(teacher, Path(scratch) / "original.onnx", tokenizer=tokenizer, parity_batches=evaluation[:1])
+        original = export_onnx(teacher, Path(scratch) / "original.onnx", tokenizer=teacher_tokenizer, parity_batches=teacher_evaluation[:1])
         timed = [original["path"], slim["path"]]
         if int8:
             slim_int8 = export_onnx(model, directory / files["int8"], int8=True, tokenizer=tokenizer, parity_batches=evaluation[:2])
-            original_int8 = export_onnx(teacher, Path(scratch) / "original-int8.onnx", int8=True, tokenizer=tokenizer, parity_batches=evaluation[:1])
+            original_int8 = export_onnx(teacher, Path(scratch) / "original-int8.onnx", int8=True, tokenizer=teacher_tokenizer,
+                                        parity_batches=teacher_evaluation[:1])
             timed += [original_int8["path"], slim_int8["path"]]
         latency = bench(timed, batch_sizes=(1,), seq_lengths=(128,), threads=1)
         result = {"export": slim, "original_export": original, "bench": latency}
@@ -347,7 +432,7 @@ def export_and_bench(teacher, model, directory: Path, tokenizer, evaluation, int
             result["pooled_export"] = pooled
         if int8:
             result["int8"] = int8_summary(latency, slim_int8, original_int8, {
-                "dense": evaluate(original_int8["path"], evaluation, teacher=teacher, progress=False),
+                "dense": evaluate(original_int8["path"], teacher_evaluation, teacher=teacher, progress=False),
                 "slim": evaluate(slim_int8["path"], evaluation, teacher=teacher, progress=False),
             })
     return result

@@ -18,19 +18,22 @@ from shrink.surgery.ops import (
     manifest_of,
     original_hidden_ids,
     original_layer_ids,
+    original_token_ids,
     prune_ffn,
     prune_heads,
     prune_hidden,
+    prune_vocab,
     replace_word_embeddings,
     word_embeddings_of,
 )
-from shrink.surgery.plan import DropLayers, KeepFFN, KeepHeads, KeepHidden, LowRank, ReplaceEmbedding, apply
+from shrink.surgery.plan import DropLayers, KeepFFN, KeepHeads, KeepHidden, KeepVocab, LowRank, ReplaceEmbedding, apply
 
 __all__ = [
     "DropLayers",
     "KeepFFN",
     "KeepHeads",
     "KeepHidden",
+    "KeepVocab",
     "LowRank",
     "ReplaceEmbedding",
     "adapter_of",
@@ -48,9 +51,11 @@ __all__ = [
     "manifest_of",
     "original_hidden_ids",
     "original_layer_ids",
+    "original_token_ids",
     "prune_ffn",
     "prune_heads",
     "prune_hidden",
+    "prune_vocab",
     "replace_word_embeddings",
     "word_embeddings_of",
 ]

@@ -73,6 +73,11 @@ def original_hidden_ids(model: nn.Module) -> list[int]:
     return runtime.kept_hidden_ids(manifest_of(model), getattr(model.config, adapter.hidden_size_attr))
 
 
+def original_token_ids(model: nn.Module) -> list[int]:
+    """The original token id of each current one (a pruned vocabulary keeps some, renumbered)."""
+    return runtime.kept_vocab_ids(manifest_of(model), model.config.vocab_size)
+
+
 def heads_per_layer(model: nn.Module) -> list[int]:
     adapter, size = adapter_of(model), head_size(model)
     return [
@@ -234,6 +239,36 @@ def prune_hidden(model: nn.Module, keep: list[int]) -> None:
         hint = "prune the hidden dims before replacing the word embeddings" if "embeddings" in str(exc) else None
         raise BadInputError(f"KeepHidden: {exc}", hint=hint) from None
     manifest["ops"].append({"op": "hidden", "keep": [before[k] for k in keep]})
+
+
+# --- vocabulary -----------------------------------------------------------------------------------
+
+
+def prune_vocab(model: nn.Module, keep: list[int]) -> None:
+    """Keep only token ids `keep` (ascending, non-empty, the padding token among them): the word
+    embeddings' rows, a tied or untied output layer's rows and bias (runtime.slice_vocab); new id i is
+    old id keep[i], and config.vocab_size and the config's special token ids follow. Exact for the
+    kept tokens. The tokenizer must be rewritten to match (shrink.models.vocab_tokenizer.rewrite)."""
+    adapter, manifest = adapter_of(model), manifest_of(model)
+    if any(op["op"] == "vocab" for op in manifest["ops"]):
+        raise BadInputError("KeepVocab: the vocabulary was already pruned", hint="use one vocabulary step per model")
+    embedding = word_embeddings_of(model)
+    if not isinstance(embedding, nn.Embedding):
+        raise BadInputError(f"KeepVocab: the word embeddings are already replaced ({type(embedding).__name__})",
+                            hint="prune the vocabulary before compressing the embeddings")
+    keep, size = [int(k) for k in keep], embedding.num_embeddings
+    if not keep:
+        raise BadInputError("KeepVocab: keep at least one token")
+    if keep != sorted(set(keep)):
+        raise BadInputError("KeepVocab: token ids must be ascending without duplicates")
+    if not 0 <= keep[0] <= keep[-1] < size:
+        raise BadInputError(f"KeepVocab: token ids {[k for k in keep if not 0 <= k < size][:5]} out of range (the vocabulary has {size})")
+    if embedding.padding_idx is not None and embedding.padding_idx not in keep:
+        raise BadInputError(f"KeepVocab: the padding token (id {embedding.padding_idx}) must be kept")
+    if len(keep) == size:
+        return
+    runtime.slice_vocab(adapter, model, torch.tensor(keep, dtype=torch.long))
+    manifest["ops"].append({"op": "vocab", "keep": keep})
 
 
 # --- layers -------------------------------------------------------------------------------------

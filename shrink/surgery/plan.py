@@ -51,6 +51,14 @@ class KeepHidden:
 
 
 @dataclass(frozen=True)
+class KeepVocab:
+    """The token ids to keep (current ids, ascending, the padding token among them): new id i is old
+    id keep[i] (vocabulary pruning; the method also rewrites the tokenizer, StepResult.tokenizer)."""
+
+    keep: list[int]
+
+
+@dataclass(frozen=True)
 class LowRank:
     """The Linear at `path` (from the base model, current layer positions) as a rank-`rank` pair.
     `factors`: precomputed (first, second) or (first, second, bias) for the matrix as it is when this
@@ -114,6 +122,11 @@ def apply_drop_layers(model: nn.Module, op: DropLayers) -> None:
 @handles(KeepHidden)
 def apply_keep_hidden(model: nn.Module, op: KeepHidden) -> None:
     ops.prune_hidden(model, op.keep)
+
+
+@handles(KeepVocab)
+def apply_keep_vocab(model: nn.Module, op: KeepVocab) -> None:
+    ops.prune_vocab(model, op.keep)
 
 
 @handles(LowRank)

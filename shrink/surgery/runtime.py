@@ -33,6 +33,11 @@ unit scales of post-training mask tuning) leave no op, the checkpoint holds the 
     {"op": "hidden", "keep": [0, 1, 3, ...]}            kept ORIGINAL hidden dims (ascending): the
         residual stream keeps these dims in the embeddings, every layer and the task head; the config
         keeps the original hidden size (a later op's ids still name original dims)
+    {"op": "vocab", "keep": [0, 100, 101, ...]}         kept ORIGINAL token ids (ascending): token id i
+        of the slim model is original id keep[i], in the word embeddings and a tied or untied output
+        layer (MLM decoder rows and bias); unlike the other ops the config follows (vocab_size and its
+        special token ids are the new ones), so a model built from the slim config has these shapes
+        already and the replay leaves it as it is; at most one vocab op, before any embedding op
 """
 
 from __future__ import annotations
@@ -755,6 +760,54 @@ def _has_module(root: nn.Module, path: str) -> bool:
         return False
 
 
+# --- the vocabulary (token ids) ---------------------------------------------------------------
+
+TOKEN_ID_ATTRS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id", "mask_token_id", "unk_token_id")
+
+
+def kept_vocab_ids(manifest: dict, vocab_size: int) -> list[int]:
+    """Original token ids still present (the vocab op lists them all)."""
+    keep = list(range(vocab_size))
+    for op in manifest.get("ops", []):
+        if op["op"] == "vocab":
+            keep = list(op["keep"])
+    return keep
+
+
+def slice_vocab(adapter: Adapter, model: nn.Module, index: torch.Tensor) -> None:
+    """Keep token ids `index` (current ids, ascending): the word-embedding rows and the output layer's
+    rows and bias (an MLM decoder; ties survive, and a head's own handle on the decoder bias follows);
+    new id i is old id index[i]. The padding index, config.vocab_size and the config's special token
+    ids follow (an id not kept becomes None). Values are sliced too (the live op and the replay are
+    one code path; a replay's values are then overwritten by the strict load)."""
+    base, memo = base_model(model), {}
+    embedding = get_module(base, adapter.word_embeddings)
+    if not isinstance(embedding, nn.Embedding):
+        raise ValueError("compressed word embeddings cannot be cut to a vocabulary; prune the vocabulary first")
+    rows, ids = embedding.num_embeddings, [int(i) for i in index.tolist()]
+    position = {old: new for new, old in enumerate(ids)}
+    output = model.get_output_embeddings() if model is not base else None
+    _sliced(embedding, "weight", 0, index, memo)
+    embedding.num_embeddings = len(ids)
+    if output is not None and output.weight.shape[0] == rows:
+        _sliced(output, "weight", 0, index, memo)
+        _sliced(output, "bias", 0, index, memo)
+        output.out_features = len(ids)
+    for module in model.modules():  # e.g. BertLMPredictionHead.bias is the decoder's bias
+        for name, value in list(module.named_parameters(recurse=False)):
+            if id(value) in memo:
+                setattr(module, name, memo[id(value)][1])
+    # the token padding id: the embedding's, and RoBERTa-style embeddings' (it finds the positions)
+    for module in (embedding, get_module(base, adapter.embeddings)):
+        if isinstance(getattr(module, "padding_idx", None), int):
+            module.padding_idx = position.get(module.padding_idx)
+    for attr in TOKEN_ID_ATTRS:
+        value = getattr(model.config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            setattr(model.config, attr, position.get(value))
+    model.config.vocab_size = len(ids)
+
+
 def low_rank_target(adapter: Adapter, model: nn.Module, manifest: dict, op: dict) -> tuple[nn.Module, str]:
     """(root, path) of the Linear a low_rank op refers to."""
     base = base_model(model)
@@ -818,6 +871,18 @@ def replay_hidden(adapter: Adapter, model: nn.Module, manifest: dict, op: dict) 
     slice_hidden(adapter, model, torch.tensor([before.index(i) for i in op["keep"]], dtype=torch.long))
 
 
+def replay_vocab(adapter: Adapter, model: nn.Module, manifest: dict, op: dict) -> None:
+    keep = list(op["keep"])
+    embedding = get_module(base_model(model), adapter.word_embeddings)
+    if not isinstance(embedding, nn.Embedding):
+        raise ValueError("a vocab op after the word embeddings were replaced")
+    if embedding.num_embeddings == len(keep):
+        return  # built from the slim config, whose vocab_size is the kept one
+    if not keep or keep != sorted(set(keep)) or keep[0] < 0 or keep[-1] >= embedding.num_embeddings:
+        raise ValueError(f"vocab op keeps ids that are not present or not ascending (the model has {embedding.num_embeddings})")
+    slice_vocab(adapter, model, torch.tensor(keep, dtype=torch.long))
+
+
 REPLAY = {
     "heads": replay_heads,
     "ffn": replay_ffn,
@@ -825,6 +890,7 @@ REPLAY = {
     "low_rank": replay_low_rank,
     "embedding": replay_embedding,
     "hidden": replay_hidden,
+    "vocab": replay_vocab,
 }
 
 

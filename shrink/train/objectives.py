@@ -112,6 +112,7 @@ class Objective:
     def targets(self, batch: dict) -> dict:
         if not self.uses_teacher:
             return {}
+        batch = batch.get("teacher", batch)  # the teacher's own tokenization of the rows (vocabulary pruning)
         return self.target_of(forward(self.teacher, batch, self.needs_hidden(self.teacher)), batch)
 
     def per_sample(self, student, batch: dict, targets: dict) -> torch.Tensor:
@@ -171,6 +172,9 @@ class HiddenMSE(Objective):
         return {"hidden": output.hidden_states}
 
     def loss_of(self, student, output, batch, targets):
+        if "teacher" in batch:
+            raise BadInputError("hidden_mse compares token by token, and the student's vocabulary was pruned (its tokens differ)",
+                                hint="use the teacher or embedding_cosine loss, or put embedding.vocab after this step")
         hidden = output.hidden_states
         # hidden_states[0] is the embedding output; [i + 1] is the output of layer i.
         pairs = [(0, 0)] + [(i + 1, orig + 1) for i, orig in enumerate(original_layer_ids(student))]

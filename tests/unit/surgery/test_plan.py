@@ -13,7 +13,7 @@ from shrink import registry, surgery
 from shrink.errors import BadInputError
 from shrink.methods import base
 from shrink.models.slim import load_slim, save_slim
-from shrink.surgery import DropLayers, KeepFFN, KeepHeads, KeepHidden, LowRank, ReplaceEmbedding, runtime
+from shrink.surgery import DropLayers, KeepFFN, KeepHeads, KeepHidden, KeepVocab, LowRank, ReplaceEmbedding, runtime
 from shrink.surgery.ops import head_size
 from shrink.surgery.plan import HANDLERS, ScaleUnits, legacy_plan
 
@@ -47,6 +47,7 @@ def scale_by_hand(model, heads: dict, ffn: dict) -> None:
 
 
 SCALES = {"heads": {0: [2.0, 1.0, 0.5, -1.0]}, "ffn": {2: [float(j % 5) - 1.5 for j in range(37)]}}
+VOCAB = [0, 1, 2, 3, *range(5, 99, 4)]  # the padding token (0 or 1) among them
 
 
 # (op on a model, the surgery function call it stands for): one case per op type, more for variants
@@ -61,6 +62,7 @@ CASES = {
     ),
     "scale_units": lambda m: (ScaleUnits(**SCALES), lambda: scale_by_hand(m, **SCALES)),
     "hidden": lambda m: (KeepHidden([0, 3, 4, 9, 31]), lambda: surgery.prune_hidden(m, [0, 3, 4, 9, 31])),
+    "vocab": lambda m: (KeepVocab(VOCAB), lambda: surgery.prune_vocab(m, VOCAB)),
     "embedding": lambda m: (
         ReplaceEmbedding("factorized", {"rank": 8}, factorized_state(m, 8)),
         lambda: surgery.install_word_embeddings(m, "factorized", {"rank": 8}, factorized_state(m, 8)),
@@ -168,7 +170,7 @@ def test_a_legacy_plan_applies_as_the_old_pipeline_did(arch):
 
 def test_every_recorded_op_has_a_replay_entry(arch):
     model = tiny_model(arch)
-    for case in ("low_rank", "low_rank_factors", "heads", "ffn", "drop_layers", "hidden", "embedding"):
+    for case in ("low_rank", "low_rank_factors", "heads", "ffn", "drop_layers", "hidden", "vocab", "embedding"):
         op, _ = CASES[case](model)
         surgery.apply(model, [op])
     manifest = surgery.manifest_of(model)
