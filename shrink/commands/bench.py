@@ -25,6 +25,9 @@ def register(app: typer.Typer) -> None:
         text_pair_column: Annotated[Optional[str], typer.Option(help="Second text of sentence pairs.")] = None,
         label_column: Annotated[Optional[str], typer.Option(help="Class labels, or similarity scores for pairs.")] = None,
         tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer for --data (default: the first model's).")] = None,
+        real_text: Annotated[bool, typer.Option("--real-text/--no-real-text", help="With --data, also time real texts: each at its own length (b=1, unpadded) and one input of --long-length real tokens; what token-pruned models must be timed on.")] = True,
+        text_samples: Annotated[int, typer.Option("--text-samples", help="Texts of --data timed at their own lengths.")] = 64,
+        long_length: Annotated[int, typer.Option("--long-length", help="Real tokens of the long input timed with --data.")] = 256,
         json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")] = False,
         markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the tables as markdown to this file.")] = None,
         max_latency_ratio: Annotated[Optional[float], typer.Option(help="Gate: every model's p50 / baseline p50 at most this, in every cell.")] = None,
@@ -53,9 +56,11 @@ def register(app: typer.Typer) -> None:
             if max_quality_drop is not None and data is None:
                 raise BadInputError("--max-quality-drop needs --data to measure quality on")
             batches = _quality_batches(data, text_column, text_pair_column, label_column, tokenizer, models[0]) if data else None
+            texts = _text_batches(data, text_column, tokenizer, models[0], long_length) if data and real_text else None
             result = run_bench(
                 models, batch_sizes=_ints(batch_sizes, "--batch-sizes"), seq_lengths=_ints(seq_lengths, "--seq-lengths"),
                 threads=threads, warmup=warmup, rounds=rounds, backend=backend, data_batches=batches,
+                text_batches=texts, text_samples=text_samples, long_length=long_length,
             )
             if json_output:
                 print_json(result)
@@ -93,3 +98,13 @@ def _quality_batches(data, text_column, text_pair_column, label_column, tokenize
     examples = read_examples(data, text_column, text_pair_column, label_column)
     tok = _tokenizer(tokenizer, baseline)
     return lambda runner: batches_for(runner, examples, tok, max_length=128, batch_size=32)
+
+
+def _text_batches(data, text_column, tokenizer, baseline: str, long_length: int) -> list[dict]:
+    """The texts of --data, one unpadded row each, truncated to what the long input needs (real-text timing)."""
+    from shrink.commands.eval import _tokenizer
+    from shrink.data.examples import read_examples
+
+    examples = read_examples(data, text_column)
+    tok = _tokenizer(tokenizer, baseline)
+    return [dict(tok(text, truncation=True, max_length=max(8, long_length), return_tensors="pt")) for text in examples.texts]

@@ -22,17 +22,19 @@ from shrink.surgery.ops import (
     prune_ffn,
     prune_heads,
     prune_hidden,
+    prune_tokens,
     prune_vocab,
     replace_word_embeddings,
     word_embeddings_of,
 )
-from shrink.surgery.plan import DropLayers, KeepFFN, KeepHeads, KeepHidden, KeepVocab, LowRank, ReplaceEmbedding, apply
+from shrink.surgery.plan import DropLayers, KeepFFN, KeepHeads, KeepHidden, KeepTokens, KeepVocab, LowRank, ReplaceEmbedding, apply
 
 __all__ = [
     "DropLayers",
     "KeepFFN",
     "KeepHeads",
     "KeepHidden",
+    "KeepTokens",
     "KeepVocab",
     "LowRank",
     "ReplaceEmbedding",
@@ -55,6 +57,7 @@ __all__ = [
     "prune_ffn",
     "prune_heads",
     "prune_hidden",
+    "prune_tokens",
     "prune_vocab",
     "replace_word_embeddings",
     "word_embeddings_of",

@@ -271,6 +271,50 @@ def prune_vocab(model: nn.Module, keep: list[int]) -> None:
     manifest["ops"].append({"op": "vocab", "keep": keep})
 
 
+# --- tokens -------------------------------------------------------------------------------------
+
+
+def prune_tokens(model: nn.Module, keep: dict[int, float], restore: bool = True, fill: str = "state") -> None:
+    """Token pruning with drop-and-restore (runtime.TokenPruningEncoder): after the layer at each
+    current position listed, a sample keeps ceil(fraction x its real length) tokens, those that
+    received the most attention (the first token always, padding never). Fractions count ORIGINAL
+    real tokens and must not rise from one layer to the next. Changes no weight: the manifest op
+    ({"op": "tokens", "keep": [one fraction per ORIGINAL layer]}) rebuilds it. `fill`: what a dropped
+    token's position holds in the output (runtime.TOKEN_FILLS: "state" or "kept_mean")."""
+    adapter, manifest = adapter_of(model), manifest_of(model)
+    if any(op["op"] == "tokens" for op in manifest["ops"]):
+        raise BadInputError("KeepTokens: the model already prunes tokens", hint="use one token-pruning step per model")
+    if not restore:
+        raise BadInputError("KeepTokens: only drop-and-restore is built (restore=True)",
+                            hint="the output keeps [batch, sequence]; pool with the attention mask as before")
+    layer_ids, num_layers = original_layer_ids(model), getattr(model.config, adapter.num_layers_attr)
+    for position, fraction in keep.items():
+        if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < len(layer_ids):
+            raise BadInputError(f"KeepTokens: layer {position!r} out of range (the model has {len(layer_ids)} layers)")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < float(fraction) <= 1:
+            raise BadInputError(f"KeepTokens: layer {position}: the kept fraction must be in (0, 1], got {fraction!r}")
+    listed = [(p, float(f)) for p, f in sorted(keep.items())]
+    rising = [p for (_, before), (p, f) in zip(listed, listed[1:]) if f > before]
+    if rising:
+        raise BadInputError(f"KeepTokens: layer {rising[0]} keeps more tokens ({keep[rising[0]]}) than an earlier layer",
+                            hint="a dropped token does not come back: use non-increasing fractions")
+    # an unlisted layer prunes nothing more: it carries the fraction of the layer before it
+    fractions, current = [1.0] * num_layers, 1.0
+    for original in range(num_layers):
+        if original in layer_ids:
+            current = float(keep.get(layer_ids.index(original), current))
+        fractions[original] = current
+    if fill not in runtime.TOKEN_FILLS:
+        raise BadInputError(f"KeepTokens: unknown fill {fill!r}", hint=f"use one of {', '.join(runtime.TOKEN_FILLS)}")
+    if all(f == 1.0 for f in fractions):
+        return
+    try:
+        runtime.install_token_pruning(adapter, model, fractions, restore, fill=fill)
+    except ValueError as exc:
+        raise UnsupportedModelError(f"KeepTokens: {exc}") from None
+    manifest["ops"].append({"op": "tokens", "keep": fractions, "restore": True, "significance": "attention", "fill": fill})
+
+
 # --- layers -------------------------------------------------------------------------------------
 
 

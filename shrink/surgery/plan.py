@@ -59,6 +59,18 @@ class KeepVocab:
 
 
 @dataclass(frozen=True)
+class KeepTokens:
+    """Token pruning (PoWER-BERT, drop-and-restore): layer (current position) -> the share of each
+    sample's real tokens kept after it, in (0, 1]; layers not listed keep all. No weight changes:
+    the encoder ranks tokens by the attention they receive at run time (runtime.TokenPruningEncoder).
+    fill: what a dropped token's output position holds, "state" or "kept_mean" (runtime.TOKEN_FILLS)."""
+
+    keep: dict[int, float]
+    restore: bool = True
+    fill: str = "state"
+
+
+@dataclass(frozen=True)
 class LowRank:
     """The Linear at `path` (from the base model, current layer positions) as a rank-`rank` pair.
     `factors`: precomputed (first, second) or (first, second, bias) for the matrix as it is when this
@@ -127,6 +139,11 @@ def apply_keep_hidden(model: nn.Module, op: KeepHidden) -> None:
 @handles(KeepVocab)
 def apply_keep_vocab(model: nn.Module, op: KeepVocab) -> None:
     ops.prune_vocab(model, op.keep)
+
+
+@handles(KeepTokens)
+def apply_keep_tokens(model: nn.Module, op: KeepTokens) -> None:
+    ops.prune_tokens(model, op.keep, op.restore, op.fill)
 
 
 @handles(LowRank)

@@ -9,7 +9,8 @@ It is organised by its tables:
 1. `ADAPTERS`: for each supported architecture family, where it keeps layers, attention projections,
    FFN and embeddings. Nothing else in shrink hard-codes a module path.
 2. Replacement modules: a layer with no heads left, an FFN with no neurons left, a rank-r Linear and
-   word embeddings stored compactly (factorized, compositional codes, binary codes; `EMBEDDING_BUILDERS`).
+   word embeddings stored compactly (factorized, compositional codes, binary codes, a nonlinear
+   decomposition; `EMBEDDING_BUILDERS`).
    `MODULE_KINDS`: how each kind of linear module (nn.Linear, LowRankLinear) is sliced, rebuilt and
    priced, so nothing else in shrink branches on the type.
 3. `REPLAY` and `apply_manifest(model, manifest)`: one entry per manifest op; apply_manifest replays
@@ -30,6 +31,7 @@ unit scales of post-training mask tuning) leave no op, the checkpoint holds the 
     {"op": "embedding", "kind": "codes", "spec": {"codebooks": 32, "codebook_size": 16, "code_dim": 384, "linear": false}}
     {"op": "embedding", "kind": "tiered_codes", "spec": {"codebooks": 16, "codebook_size": 16, "extra_codebooks": 16, "frequent_tokens": 4000}}
     {"op": "embedding", "kind": "binary", "spec": {"bits": 256}}
+    {"op": "embedding", "kind": "nonlinear", "spec": {"rank": 40, "width": 384, "activation": "gelu", "residual": true}}
     {"op": "hidden", "keep": [0, 1, 3, ...]}            kept ORIGINAL hidden dims (ascending): the
         residual stream keeps these dims in the embeddings, every layer and the task head; the config
         keeps the original hidden size (a later op's ids still name original dims)
@@ -38,6 +40,12 @@ unit scales of post-training mask tuning) leave no op, the checkpoint holds the 
         layer (MLM decoder rows and bias); unlike the other ops the config follows (vocab_size and its
         special token ids are the new ones), so a model built from the slim config has these shapes
         already and the replay leaves it as it is; at most one vocab op, before any embedding op
+    {"op": "tokens", "keep": [1.0, 0.7, 0.5, ...], "restore": true, "significance": "attention", "fill": "state"}
+        token pruning (PoWER-BERT): after ORIGINAL layer i a sample keeps its ceil(keep[i] x real
+        length) tokens that received the most attention (the first token always, padding never);
+        dropped positions in last_hidden_state hold the token's state when dropped (fill "state") or the
+        mean of the kept tokens' final states ("kept_mean", for mean pooling; TOKEN_FILLS); no
+        weights change, at most one tokens op
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions
 
 MANIFEST_FORMAT_VERSION = 1
 
@@ -363,6 +372,35 @@ class NeuronlessFFNOutput(nn.Module):
         return self.norm(input_tensor + self.bias)
 
 
+class NonlinearEmbedding(nn.Module):
+    """Distilled nonlinear decomposition (Lioutas et al. 2020): token t is a rank-r code codes[t] and
+    its embedding is down(act(up(code))) (+ skip(code), a linear path, when residual): an MLP decoder
+    of `width` hidden units shared by all tokens, so the table costs vocab x rank floats."""
+
+    ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, width: int, activation: str = "gelu",
+                 residual: bool = True, padding_idx: int | None = None):
+        super().__init__()
+        if activation not in self.ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; known: {sorted(self.ACTIVATIONS)}")
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.rank, self.width, self.activation, self.residual = rank, width, activation, residual
+        self.codes = nn.Embedding(num_embeddings, rank, padding_idx=padding_idx)
+        self.up = nn.Linear(rank, width)
+        self.act = self.ACTIVATIONS[activation]()
+        self.down = nn.Linear(width, embedding_dim)
+        self.skip = nn.Linear(rank, embedding_dim, bias=False) if residual else None
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """[..., rank] codes -> [..., embedding_dim]."""
+        out = self.down(self.act(self.up(codes)))
+        return out + self.skip(codes) if self.skip is not None else out
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.codes(input_ids))
+
+
 class FactorizedEmbedding(nn.Module):
     """A vocab x dim embedding stored as vocab x rank codes times a rank x dim projection."""
 
@@ -498,6 +536,9 @@ EMBEDDING_BUILDERS = {
     ),
     # spec: {"bits": B}
     "binary": lambda spec, n, d, pad: BinaryEmbedding(n, d, int(spec["bits"]), pad),
+    # spec: {"rank": r, "width": w, "activation": "gelu" | "relu" | "tanh", "residual": bool}
+    "nonlinear": lambda spec, n, d, pad: NonlinearEmbedding(
+        n, d, int(spec["rank"]), int(spec["width"]), spec.get("activation", "gelu"), bool(spec.get("residual", True)), pad),
 }
 
 
@@ -808,6 +849,215 @@ def slice_vocab(adapter: Adapter, model: nn.Module, index: torch.Tensor) -> None
     model.config.vocab_size = len(ids)
 
 
+# --- tokens (PoWER-BERT token pruning with drop-and-restore) -----------------------------------
+
+# Per-base-class subclasses whose forward prunes tokens; one class per encoder class, made on demand.
+TOKEN_ENCODER_CLASSES: dict[type, type] = {}
+TOKEN_SIGNIFICANCE = ("attention",)  # what a tokens op may rank tokens by
+# What a dropped token's position holds in last_hidden_state: "state", its hidden state after the layer
+# that dropped it (Length-Adaptive's drop-and-restore: token heads still see each token); "kept_mean",
+# the mean of the sample's kept tokens' final states, so mean pooling over the attention mask is the
+# mean over the kept tokens (embedding models: restored earlier-layer states do not mix with final ones)
+TOKEN_FILLS = ("state", "kept_mean")
+
+
+def encoder_of(adapter: Adapter, model: nn.Module) -> nn.Module:
+    """The module that owns the layer list (BertEncoder, DistilBERT's Transformer, ...)."""
+    return get_module(base_model(model), adapter.layers.rpartition(".")[0])
+
+
+def key_padding(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+    """[B, S] 1.0 for real tokens, 0.0 for padding, from the mask the encoder got: None (no padding),
+    a 2D 0/1 mask, or a 4D bool (True = attend) or additive (0 = attend) mask whose first query row
+    is the key padding of a bidirectional encoder."""
+    if attention_mask is None:
+        return hidden.new_ones(hidden.shape[:2])
+    row = attention_mask[:, 0, 0, :] if attention_mask.dim() == 4 else attention_mask
+    if row.dtype == torch.bool:
+        return row.to(hidden.dtype)
+    if attention_mask.dim() == 2:
+        return (row > 0).to(hidden.dtype)
+    return (row > torch.finfo(row.dtype).min / 2).to(hidden.dtype)
+
+
+def additive_mask(real: torch.Tensor) -> torch.Tensor:
+    """[B, 1, 1, S] additive mask (0 for real keys, the dtype's minimum for padding); eager and sdpa
+    attention both take it."""
+    return ((1.0 - real) * torch.finfo(real.dtype).min)[:, None, None, :]
+
+
+def token_significance(q: torch.Tensor, k: torch.Tensor, real: torch.Tensor, head_size: int,
+                       position_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """PoWER-BERT significance [B, S]: the attention probability each key receives, summed over heads
+    and over real queries, from the layer's own projected queries and keys [B, S, heads*head_size]
+    (eager math, whatever attention kernel the layer ran). `position_bias`: MPNet's [B, heads, S, S]."""
+    batch, length = q.shape[0], q.shape[1]
+    q = q.view(batch, length, -1, head_size).transpose(1, 2)
+    k = k.view(batch, length, -1, head_size).transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * head_size**-0.5
+    if position_bias is not None:
+        scores = scores + position_bias
+    probs = torch.softmax(scores + additive_mask(real), dim=-1)
+    # the sum over real queries as a product (a MatMul, much faster in onnxruntime than a ReduceSum)
+    received = torch.matmul(real[:, None, None, :].expand(-1, probs.shape[1], 1, -1), probs)
+    return received.sum(dim=1)[:, 0, :]
+
+
+def kept_slots(significance: torch.Tensor, real: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [B, k_max], real [B, k_max]): per sample the `count` most significant real slots, slot 0
+    (the first token) always among them, in their original order, padded to the batch's largest count
+    with other slots marked as padding. Sorts and gathers only, with shapes taken from tensors, so the
+    ONNX graph keeps dynamic batch and sequence axes."""
+    length = significance.shape[1]
+    slots = torch.arange(length, device=significance.device)
+    score = significance.masked_fill(real == 0, float("-inf"))
+    score = torch.where(slots[None, :] == 0, torch.full_like(score, float("inf")), score)
+    order = score.argsort(dim=1, descending=True)
+    rank = torch.zeros_like(order).scatter(1, order, slots[None, :].expand_as(order))
+    keep = rank < count[:, None]
+    index = (slots[None, :] + length * (~keep).long()).argsort(dim=1)  # kept slots first, in order
+    widest = torch.arange(count.max(), device=significance.device)  # a Range on a tensor: no frozen size
+    return index.index_select(1, widest), (widest[None, :] < count[:, None]).to(real.dtype)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, S, ...] at slots index [B, k] along dim 1 (row copies: GatherND in ONNX)."""
+    rows = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)
+    return x[rows, index]
+
+
+def write_back(full: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """full [B, S + 1, H] with the real slots of hidden [B, k, H] written at their original positions
+    [B, k] (distinct within a row); padding slots write to the spare last row, which the caller drops
+    (row copies, ScatterND in ONNX, and no read of `full`)."""
+    spare = torch.full_like(positions, full.shape[1] - 1)
+    rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+    return full.index_put((rows, torch.where(real > 0, positions, spare)), hidden)
+
+
+class TokenPruningEncoder:
+    """Mixed into an encoder's own class (TOKEN_ENCODER_CLASSES), so its parameters keep their names:
+    after each layer with a kept fraction f < 1, a sample of real length L keeps its ceil(f * L)
+    most significant tokens (token_significance; the first token always, padding never), at most as
+    many as it has; f counts ORIGINAL real tokens, so later layers see at most that share. Each
+    sample keeps its own count: the batch is compacted to its largest count [B, k_max, H] with an
+    updated mask, so a padded batch gives each sample what it gets alone. Drop-and-restore: a dropped
+    token's hidden state (after the layer that dropped it) is written back at its original position,
+    so last_hidden_state stays [B, S, H]. Nothing is pruned after the last layer (restore makes it a
+    no-op) or after a layer without heads (no attention to measure significance with).
+    `shrink_tokens`: {"keep": [fraction per ORIGINAL layer], "restore": True}; `shrink_config`: the
+    model config (its manifest names the layers still present)."""
+
+    shrink_tokens: dict
+    shrink_config: object
+
+    def token_steps(self) -> dict[int, float]:
+        """Current layer position -> kept fraction after it, for the layers that prune."""
+        adapter, config = adapter_for(self.shrink_config), self.shrink_config
+        ids = kept_layer_ids(getattr(config, "shrink", None) or {}, getattr(config, adapter.num_layers_attr))
+        layers = get_module(self, adapter.layers.rpartition(".")[2])
+        keep, steps, current = self.shrink_tokens["keep"], {}, 1.0
+        for position, original in enumerate(ids[: len(layers) - 1]):
+            if keep[original] < current and layer_has_attention(adapter, layers[position]):
+                steps[position] = current = float(keep[original])
+        return steps
+
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        steps = self.token_steps()
+        if not steps:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        if kwargs.get("encoder_hidden_states") is not None:
+            raise ValueError("token pruning works on encoders only (no cross-attention)")
+        config = self.shrink_config
+        adapter = adapter_for(config)
+        head_size = getattr(config, adapter.hidden_size_attr) // getattr(config, adapter.num_heads_attr)
+        layers = get_module(self, adapter.layers.rpartition(".")[2])
+        batch, length = hidden_states.shape[:2]
+        real = key_padding(attention_mask, hidden_states)
+        original_length = real.sum(dim=1)
+        positions = torch.arange(length, device=hidden_states.device)[None, :].expand(batch, length)
+        bias = self.compute_position_bias(hidden_states) if adapter.family == "mpnet" else None
+        hidden, mask = hidden_states, attention_mask
+        full = torch.cat([hidden_states, hidden_states[:, :1]], dim=1)  # + a spare row for padding slots
+        keep_states = self.shrink_tokens.get("fill", "state") == "state"
+        for position, layer in enumerate(layers):
+            captured = {}
+            hooks = []
+            if position in steps:
+                for name in ("query", "key"):  # the layer's own projections, whatever module kind holds them
+                    module = get_module(layer, getattr(adapter, name))
+                    hooks.append(module.register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o)))
+            try:
+                out = layer(hidden, mask, bias) if adapter.family == "mpnet" else layer(hidden, mask)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            hidden = out[0] if isinstance(out, tuple) else out
+            if position not in steps:
+                continue
+            layer_bias = bias
+            heads = getattr(get_module(layer, adapter.self_attention), "shrink_head_ids", None)
+            if bias is not None and heads is not None:  # MPNet rows of the heads this layer kept
+                layer_bias = bias.index_select(1, torch.tensor(heads, device=bias.device))
+            significance = token_significance(captured["query"], captured["key"], real, head_size, layer_bias)
+            count = torch.ceil(original_length * steps[position] - 1e-4).clamp(min=1)
+            count = torch.minimum(count, real.sum(dim=1)).long()
+            if keep_states:
+                full = write_back(full, hidden, positions, real)
+            index, real = kept_slots(significance, real, count)
+            hidden, positions = gather_tokens(hidden, index), positions.gather(1, index)
+            if bias is not None:
+                bias = bias.gather(2, index[:, None, :, None].expand(-1, bias.shape[1], -1, bias.shape[3]))
+                bias = bias.gather(3, index[:, None, None, :].expand(-1, bias.shape[1], bias.shape[2], -1))
+            mask = additive_mask(real)
+        # what the family's own encoder returns (BertModel reads .cache; DistilBERT returns it as is)
+        output = BaseModelOutput if adapter.family == "distilbert" else BaseModelOutputWithPastAndCrossAttentions
+        if not keep_states:  # every position the mean of the kept tokens; theirs are written back next
+            mean = (hidden * real[:, :, None]).sum(dim=1) / real.sum(dim=1, keepdim=True)
+            full = mean[:, None, :].expand_as(full)
+        return output(last_hidden_state=write_back(full, hidden, positions, real)[:, :length])
+
+
+def check_token_keep(keep, num_layers: int) -> list[float]:
+    """A tokens op's fractions: one per ORIGINAL layer, each in (0, 1]."""
+    if not isinstance(keep, (list, tuple)) or len(keep) != num_layers:
+        raise ValueError(f"a tokens op keeps one fraction per original layer ({num_layers}), got {keep!r}")
+    values = [float(f) for f in keep]
+    if not all(0 < f <= 1 for f in values):
+        raise ValueError(f"kept token fractions must be in (0, 1], got {values}")
+    return values
+
+
+def install_token_pruning(adapter: Adapter, model: nn.Module, keep: list[float], restore: bool = True,
+                          significance: str = "attention", fill: str = "state") -> None:
+    """Make the encoder prune tokens (TokenPruningEncoder) with `keep`, one fraction per ORIGINAL
+    layer. Only drop-and-restore is built: without restore a task head would need to be told which
+    tokens are left."""
+    if not restore:
+        raise ValueError("token pruning without restore is not supported (the output keeps its [batch, sequence] shape)")
+    if significance not in TOKEN_SIGNIFICANCE:
+        raise ValueError(f"unknown token significance {significance!r}; known: {list(TOKEN_SIGNIFICANCE)}")
+    if fill not in TOKEN_FILLS:
+        raise ValueError(f"unknown token fill {fill!r}; known: {list(TOKEN_FILLS)}")
+    keep = check_token_keep(keep, getattr(model.config, adapter.num_layers_attr))
+    encoder = encoder_of(adapter, model)
+    if adapter.family == "mpnet" and not hasattr(encoder, "compute_position_bias"):
+        raise ValueError("this MPNet encoder has no compute_position_bias; token pruning cannot rebuild its position bias")
+    cls = type(encoder)
+    if not isinstance(encoder, TokenPruningEncoder):
+        if cls not in TOKEN_ENCODER_CLASSES:
+            TOKEN_ENCODER_CLASSES[cls] = type(f"TokenPruning{cls.__name__}", (TokenPruningEncoder, cls), {})
+        encoder.__class__ = TOKEN_ENCODER_CLASSES[cls]
+    encoder.shrink_tokens = {"keep": keep, "restore": True, "significance": significance, "fill": fill}
+    encoder.shrink_config = model.config
+
+
+def token_keep(adapter: Adapter, model: nn.Module) -> list[float] | None:
+    """The kept fractions (per ORIGINAL layer) of a token-pruned model, or None."""
+    encoder = encoder_of(adapter, model)
+    return list(encoder.shrink_tokens["keep"]) if isinstance(encoder, TokenPruningEncoder) else None
+
+
 def low_rank_target(adapter: Adapter, model: nn.Module, manifest: dict, op: dict) -> tuple[nn.Module, str]:
     """(root, path) of the Linear a low_rank op refers to."""
     base = base_model(model)
@@ -883,6 +1133,12 @@ def replay_vocab(adapter: Adapter, model: nn.Module, manifest: dict, op: dict) -
     slice_vocab(adapter, model, torch.tensor(keep, dtype=torch.long))
 
 
+
+def replay_tokens(adapter: Adapter, model: nn.Module, manifest: dict, op: dict) -> None:
+    if any(o["op"] == "tokens" for o in manifest.get("ops", [])):
+        raise ValueError("a second tokens op (a model prunes tokens by one schedule)")
+    install_token_pruning(adapter, model, op["keep"], bool(op.get("restore", True)), op.get("significance", "attention"), op.get("fill", "state"))
+
 REPLAY = {
     "heads": replay_heads,
     "ffn": replay_ffn,
@@ -891,6 +1147,7 @@ REPLAY = {
     "embedding": replay_embedding,
     "hidden": replay_hidden,
     "vocab": replay_vocab,
+    "tokens": replay_tokens,
 }
 
 

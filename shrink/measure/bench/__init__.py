@@ -23,7 +23,9 @@ Result (shrink.measure.bench.render renders it; `shrink prune` stores it in repo
      "models": [{"name", "path", "backend", "params", "params_total", "flops_g": {"128": ...},
                  "size_mb", "p50_ms" (first cell), "results": [{"batch", "seq", "p50_ms", "p90_ms",
                  "p99_ms", "mean_ms", "throughput", "speedup", "latency_ratio"}], ...}],
-     "results": [the same rows, cell by cell, each with "model"]}
+     "results": [the same rows, cell by cell, each with "model"],
+     "real_text" (with text_batches): {"inputs": what was timed, "own_lengths": {"models": [{"model",
+                 "p50_ms" (mean ms per text), "p90_ms", "speedup", "latency_ratio"}], "tokens"}, "long": ...}}
 speedup = baseline p50 / model p50 and latency_ratio = model p50 / baseline p50, per cell.
 """
 
@@ -39,6 +41,7 @@ from shrink.console import progress
 from shrink.errors import BadInputError
 from shrink.measure.bench.env import environment, process_peak_rss_mb
 from shrink.measure.bench.targets import Target, load_target, static_figures, unique_names
+from shrink.measure.bench.real_text import LONG_LENGTH, TEXT_SAMPLES, real_text_section
 from shrink.measure.bench.timing import random_feed, summarize, time_cell
 from shrink.measure.evaluate import NEIGHBOURS, evaluate, runner_for
 
@@ -56,13 +59,21 @@ def bench(
     backend: str = "auto",
     data_batches=None,
     seed: int = 0,
+    text_batches=None,
+    text_samples: int = TEXT_SAMPLES,
+    long_length: int = LONG_LENGTH,
 ) -> dict:
     """Measure every target on every (batch, seq) cell; see the module docstring.
 
     data_batches: batches (dicts of tensors, as shrink.measure.evaluate takes them) or a function of the
-    baseline's runner that makes them; adds each model's metrics as "quality"."""
+    baseline's runner that makes them; adds each model's metrics as "quality".
+    text_batches: tokenized real texts (batches), or a function of the target's index giving that
+    target's own (a pruned vocabulary tokenizes anew): adds "real_text", each model timed on
+    `text_samples` texts at their own lengths (b=1, unpadded) and on one input of `long_length` real
+    tokens (shrink.measure.bench.real_text); what token-pruned models must be judged on."""
     batch_sizes, seq_lengths = list(batch_sizes), list(seq_lengths)
     check_settings(targets, batch_sizes, seq_lengths, threads, warmup, rounds, backend)
+    check_text_settings(text_samples, long_length)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -75,16 +86,26 @@ def bench(
             vocab = min((t.vocab_size for t in loaded if t.vocab_size), default=None)
             timings = {}
             with progress() as bar:
-                task = bar.add_task("bench", total=len(cells) * (warmup + rounds) * len(loaded), status="")
+                texts = 2 if text_batches is not None else 0
+                task = bar.add_task("bench", total=(len(cells) + texts) * (warmup + rounds) * len(loaded), status="")
                 for index, (b, s) in enumerate(cells):
                     bar.update(task, status=f"batch {b}, seq {s}")
                     feed = random_feed(b, s, vocab, seed + index)
                     timings[(b, s)] = time_cell(loaded, feed, warmup, rounds, lambda: bar.advance(task))
+                real = None
+                if text_batches is not None:
+                    bar.update(task, status="real texts")
+                    batches_of = text_batches if callable(text_batches) else (lambda i: text_batches)
+                    real = real_text_section(loaded, batches_of, samples=text_samples, long_length=long_length,
+                                             warmup=warmup, rounds=rounds, tick=lambda: bar.advance(task))
             scores = quality(loaded, data_batches) if data_batches is not None else None
-            return _result(loaded, cells, timings, scores, seq_lengths, {
+            result = _result(loaded, cells, timings, scores, seq_lengths, {
                 "batch_sizes": batch_sizes, "seq_lengths": seq_lengths, "threads": threads, "warmup": warmup,
                 "rounds": rounds, "backend": backend, "seed": seed,
             })
+            if real is not None:
+                result["real_text"] = real
+            return result
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -102,6 +123,11 @@ def check_settings(targets, batch_sizes, seq_lengths, threads, warmup, rounds, b
                 raise BadInputError(f"{label} {v} must be a positive integer")
     if threads < 1 or rounds < 1 or warmup < 0:
         raise BadInputError("threads and rounds must be at least 1, warmup at least 0")
+
+
+def check_text_settings(text_samples: int, long_length: int) -> None:
+    if text_samples < 1 or long_length < 3:
+        raise BadInputError(f"--text-samples must be at least 1 and --long-length at least 3 (got {text_samples}, {long_length})")
 
 
 def check_lengths(target: Target, seq_lengths) -> None:

@@ -52,6 +52,20 @@ def _quality_text(primary, quality: dict | None) -> str:
     return text
 
 
+REAL_TEXT_COLUMNS = ("model", "inputs", "p50 ms", "p90 ms", "speedup")
+
+
+def real_text_rows(result: dict) -> list[tuple[str, ...]]:
+    """Real-text timing (shrink.measure.bench.real_text): ms per text at own lengths, and the long input."""
+    real = result.get("real_text") or {}
+    rows = []
+    for key, label in (("own_lengths", "real texts, own lengths, b=1"), ("long", "real text, {tokens} tokens, b=1")):
+        part = real.get(key)
+        for r in (part or {}).get("models", []):
+            rows.append((r["model"], label.format(tokens=part.get("tokens")), _num(r["p50_ms"]), _num(r["p90_ms"]), f"{r['speedup']:.2f}x"))
+    return rows
+
+
 def settings_line(result: dict) -> str:
     s = result["settings"]
     env = s.get("environment", {})
@@ -70,7 +84,10 @@ def to_markdown(result: dict) -> str:
     static = static_rows(result)
     columns = STATIC_COLUMNS if any(row[-1] for row in static) else STATIC_COLUMNS[:-1]
     lines = table(LATENCY_COLUMNS, latency_rows(result)) + [""]
-    lines += table(columns, [row[: len(columns)] for row in static]) + ["", settings_line(result)]
+    lines += table(columns, [row[: len(columns)] for row in static]) + [""]
+    if real_text_rows(result):
+        lines += table(REAL_TEXT_COLUMNS, real_text_rows(result)) + ["", result["real_text"]["inputs"], ""]
+    lines += [settings_line(result)]
     return "\n".join(lines) + "\n"
 
 
@@ -91,4 +108,12 @@ def show(result: dict) -> None:
     for row in static:
         figures.add_row(*row[: len(columns)])
     out.print(figures)
+    if real_text_rows(result):
+        real = Table(title="latency on real text (ms per text)", show_edge=False)
+        for col in REAL_TEXT_COLUMNS:
+            real.add_column(col, justify="left" if col in ("model", "inputs") else "right")
+        for row in real_text_rows(result):
+            real.add_row(*row)
+        out.print(real)
+        out.print(result["real_text"]["inputs"], highlight=False)
     out.print(settings_line(result), highlight=False)

@@ -15,7 +15,7 @@ from shrink.methods import base
 from shrink.models.slim import load_slim, save_slim
 from shrink.surgery import DropLayers, KeepFFN, KeepHeads, KeepHidden, KeepVocab, LowRank, ReplaceEmbedding, runtime
 from shrink.surgery.ops import head_size
-from shrink.surgery.plan import HANDLERS, ScaleUnits, legacy_plan
+from shrink.surgery.plan import HANDLERS, KeepTokens, ScaleUnits, legacy_plan
 
 from helpers import main_output, tiny_inputs, tiny_model
 
@@ -63,6 +63,7 @@ CASES = {
     "scale_units": lambda m: (ScaleUnits(**SCALES), lambda: scale_by_hand(m, **SCALES)),
     "hidden": lambda m: (KeepHidden([0, 3, 4, 9, 31]), lambda: surgery.prune_hidden(m, [0, 3, 4, 9, 31])),
     "vocab": lambda m: (KeepVocab(VOCAB), lambda: surgery.prune_vocab(m, VOCAB)),
+    "tokens": lambda m: (KeepTokens({0: 0.5}), lambda: surgery.prune_tokens(m, {0: 0.5})),
     "embedding": lambda m: (
         ReplaceEmbedding("factorized", {"rank": 8}, factorized_state(m, 8)),
         lambda: surgery.install_word_embeddings(m, "factorized", {"rank": 8}, factorized_state(m, 8)),
@@ -170,7 +171,7 @@ def test_a_legacy_plan_applies_as_the_old_pipeline_did(arch):
 
 def test_every_recorded_op_has_a_replay_entry(arch):
     model = tiny_model(arch)
-    for case in ("low_rank", "low_rank_factors", "heads", "ffn", "drop_layers", "hidden", "vocab", "embedding"):
+    for case in ("low_rank", "low_rank_factors", "heads", "ffn", "drop_layers", "hidden", "vocab", "embedding", "tokens"):
         op, _ = CASES[case](model)
         surgery.apply(model, [op])
     manifest = surgery.manifest_of(model)
