@@ -90,3 +90,7 @@ def main() -> None:
 
         err.print("[red]interrupted[/red]")
         raise SystemExit(130) from None
+
+
+if __name__ == "__main__":  # `python -m shrink.cli` (what `accelerate launch -m shrink.cli` runs in each process)
+    main()

@@ -29,6 +29,8 @@ def register(app: typer.Typer) -> None:
         max_length: Annotated[int, typer.Option(min=8, help="Tokens per example.")] = 128,
         seed: Annotated[int, typer.Option(help="Random seed; same inputs + seed give the same slim model.")] = 0,
         device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+        mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="Training forward passes in no, bf16 (CPU or a GPU that has it) or fp16 (GPU) autocast; weights stay fp32.")] = "no",
+        gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in backward while training (large models within memory; slower).")] = False,
         no_export: Annotated[bool, typer.Option("--no-export", help="Skip ONNX export and latency measurement.")] = False,
         int8: Annotated[bool, typer.Option("--int8", help="Also write model-int8.onnx (dynamic int8, settings for this CPU, agreement-gated) and report fp32/int8 speedups against dense fp32 and dense int8, timed in one run.")] = False,
         pooling_in_graph: Annotated[bool, typer.Option("--pooling-in-graph", help="Embedding models: also write an ONNX whose output is the pooled, normalized `sentence_embedding` (the model's own sentence-transformers pooling), for runtimes with no Python.")] = False,
@@ -48,7 +50,8 @@ def register(app: typer.Typer) -> None:
             from shrink.prune.pipeline import PruneSettings
             from shrink.prune.pipeline import prune as run_prune
             from shrink.prune.report import show
-            from shrink.train.loop import parse_duration
+            from shrink.train.distributed import is_main
+            from shrink.train.loop import check_precision, parse_duration
 
             if device not in ("cpu", "cuda"):
                 raise BadInputError(f"--device {device!r}: use cpu or cuda")
@@ -62,8 +65,12 @@ def register(app: typer.Typer) -> None:
                 eval_fraction=eval_fraction, max_samples=max_samples, eval_samples=eval_samples, max_length=max_length, seed=seed,
                 device=device, export=not no_export, int8=int8, overwrite=overwrite, overrides=list(set_ or []), budget=budget_s,
                 pooling_in_graph=pooling_in_graph, standard_checkpoint=not shrink_format,
+                mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
             )
+            check_precision(mixed_precision, device if device == "cpu" else None)  # (a GPU is checked once it is resolved)
             report = run_prune(model, recipe, output, settings)
+            if not is_main():  # launched as several processes: the main one reports and checks
+                return
             if json_output:
                 print_json(report)
             else:

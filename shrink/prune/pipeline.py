@@ -3,12 +3,20 @@
 Data flows one way. Methods plan (what to remove) and only shrink.surgery changes shapes. Everything
 is written into a temporary directory that replaces the output directory in one rename at the end,
 so an error or Ctrl-C leaves no half-written output.
+
+Launched as several processes (`accelerate launch -m shrink.cli prune ...`, shrink.train.distributed)
+every process runs this pipeline on the same model and data: the training steps train data parallel;
+a step that does not train (scores, searches) runs once on the main process, the others taking its
+plan and weights; the quality figures, the export, the benchmark and the writing happen on the main
+process only, and the others return the same report without writing anything.
 """
 
 from __future__ import annotations
 
 import copy
 import random
+import resource
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,9 +41,10 @@ from shrink.models.vocab_tokenizer import tokenization_change
 from shrink.prune.card import write_model_card
 from shrink.prune.recipe import Recipe, load_recipe, validated
 from shrink.prune.report import write_prune_report
-from shrink.surgery.ops import hidden_size
+from shrink.surgery.ops import hidden_size, manifest_of
+from shrink.train import distributed
 from shrink.train.device import resolve_device, to_device
-from shrink.train.loop import format_duration, parse_duration, time_budget
+from shrink.train.loop import format_duration, parse_duration, scaling, time_budget
 from shrink.train.objectives import choose_objective
 
 
@@ -64,6 +73,8 @@ class PruneSettings:
     # wall time for all the training of the run, in seconds, or a duration ("10m", "90s", "1.5h"; a
     # plain string number is minutes); None: every training step runs its planned epochs
     budget: float | str | None = None
+    mixed_precision: str = "no"  # no | bf16 | fp16: the training steps' forward passes (shrink.train.loop.Scaling)
+    gradient_checkpointing: bool = False  # recompute activations in backward: large models within memory
 
 
 def load_recipes(refs: list[str], overrides: list[str]) -> list[Recipe]:
@@ -111,6 +122,9 @@ def build_session(model_ref: str, settings: PruneSettings) -> Session:
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
     settings.device = resolve_device(settings.device)  # a clear error when CUDA is asked for but absent
+    dist = distributed.current(settings.device)  # joins the other processes when launched as several
+    if dist is not None and settings.device.startswith("cuda"):
+        settings.device = dist.device  # each process its own GPU
     model = load_model(model_ref, device=settings.device)
     tokenizer = load_tokenizer(model_ref)
     longest = pooling_of(model).max_seq_length  # a sentence-transformers model's own input limit
@@ -181,8 +195,14 @@ def run_step(ctx: Context, method, options, target) -> tuple:
     data follow (follow_vocabulary). Returns (result, seconds)."""
     started = time.perf_counter()
     vocab_size = ctx.model.config.vocab_size
-    result = method.fn(ctx, target, options)
+    dist = distributed.current()
+    if dist is None or method.trains:
+        result = method.fn(ctx, target, options)
+    else:  # a score or a search: once, on the main process; the others take its plan, then its weights
+        result = distributed.on_main(lambda: method.fn(ctx, target, options))
     surgery.apply(ctx.model, result.plan)  # the method chose the order of its ops
+    if dist is not None and not method.trains:
+        dist.broadcast_module(ctx.model)
     ctx.model.eval()
     if ctx.model.config.vocab_size != vocab_size:
         follow_vocabulary(ctx, result)
@@ -277,7 +297,7 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
             )
     model, teacher, tokenizer, evaluation, objective = ctx.model, ctx.teacher, ctx.tokenizer, ctx.evaluation, ctx.objective
     calibration, held_out = session.calibration, session.held_out
-    quality_before = quality(teacher, evaluation, teacher)
+    quality_before = distributed.on_main(lambda: quality(teacher, evaluation, teacher))
     before = structure(model)
 
     step_reports, spent = [], 0.0
@@ -285,7 +305,7 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
         note(f"[bold]{recipe.name}[/bold]: {method.name}")
         share = budget_share(budget, spent, [m.trains for _, _, m, _, _ in steps[index:]])
         floor = method.min_train_fraction(options) if share is not None and method.min_train_fraction else 0.0
-        with time_budget(share, floor) as scope:
+        with time_budget(share, floor) as scope, scaling(settings.mixed_precision, settings.gradient_checkpointing):
             result, seconds = run_step(ctx, method, options, target)
         step_reports.append({
             "recipe": recipe.name,
@@ -303,7 +323,7 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
     # batch["teacher"]); the original's export and figures keep the original tokenizer and data
     original_tokenizer, original_evaluation = tokenizer, evaluation
     tokenizer, evaluation = ctx.tokenizer, ctx.evaluation
-    quality_after = quality(model, evaluation, teacher)
+    quality_after = distributed.on_main(lambda: quality(model, evaluation, teacher))
 
     report = {
         "model": model_ref,
@@ -320,7 +340,13 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
         "after": structure(model),
         "quality": {"before": quality_before, "after": quality_after},
         "steps": step_reports,
+        "peak_memory_mb": peak_memory_mb(settings.device),
     }
+    dist = distributed.current()
+    if dist is not None:
+        report["processes"] = dist.world
+    if settings.mixed_precision != "no" or settings.gradient_checkpointing:
+        report["training_settings"] = {"mixed_precision": settings.mixed_precision, "gradient_checkpointing": settings.gradient_checkpointing}
     if budget is not None:
         report["budget"] = budget_summary(budget, spent, step_reports)
     manifest_extra = {
@@ -328,10 +354,25 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
         "recipes": [{"name": r.name, "steps": [s.model_dump() for s in r.steps]} for r in recipes],
     }
 
-    model.cpu(), teacher.cpu()  # checkpoints, ONNX export and CPU latency are measured on the CPU
     pooling = pooling_of(model)
     if pooling.is_sentence_transformer:
         report["sentence_transformers"] = pooling.summary()
+    if not distributed.is_main():  # every process trained the same model; the main one writes it
+        distributed.wait()
+        return report
+    model.cpu(), teacher.cpu()  # checkpoints, ONNX export and CPU latency are measured on the CPU
+    try:
+        write_outputs(report, out, settings, model, teacher, tokenizer, evaluation, manifest_extra, pooling,
+                      (original_tokenizer, original_evaluation), started)
+    finally:
+        distributed.wait()  # the others end when the output is there (or the main process failed)
+    return report
+
+
+def write_outputs(report: dict, out: Path, settings: PruneSettings, model, teacher, tokenizer, evaluation, manifest_extra: dict,
+                  pooling, original: tuple, started: float) -> None:
+    """The checkpoint, ONNX + benchmark, report and model card, atomically into `out`."""
+    original_tokenizer, original_evaluation = original
     with atomic_directory(out, settings.overwrite) as tmp:
         report["checkpoint"] = write_checkpoint(model, tmp, tokenizer, manifest_extra, standard=settings.standard_checkpoint)
         write_modules(tmp, pooling, hidden_size(model))  # a sentence-transformers model stays one
@@ -341,10 +382,22 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
                 original=(original_tokenizer, original_evaluation),
             )
         report["seconds_total"] = round(time.perf_counter() - started, 1)
+        report["peak_memory_mb"] = peak_memory_mb(settings.device)  # the export and benchmark included
 
         write_prune_report(report, tmp)
         write_model_card(report, tmp)  # README.md: the Hub model card (replaces a copied source card)
-    return report
+
+
+def peak_memory_mb(device: str) -> dict:
+    """This process's peak memory so far: resident set (ru_maxrss: KiB on Linux, bytes on macOS) and,
+    on a GPU, torch's peak allocation."""
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    peak = {"rss": round(rss, 1)}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        peak["cuda_allocated"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
 
 
 def check_budget(budget: float | str | None) -> float | None:
@@ -426,8 +479,13 @@ def export_and_bench(teacher, model, directory: Path, tokenizer, evaluation, int
             original_int8 = export_onnx(teacher, Path(scratch) / "original-int8.onnx", int8=True, tokenizer=teacher_tokenizer,
                                         parity_batches=teacher_evaluation[:1])
             timed += [original_int8["path"], slim_int8["path"]]
-        latency = bench(timed, batch_sizes=(1,), seq_lengths=(128,), threads=1)
+        # an input-dependent model (token pruning) is also timed on the held-out texts (real lengths, b=1,
+        # unpadded, and one long input): random ids of one shape would not show what it does
+        prunes_tokens = any(op["op"] == "tokens" for op in manifest_of(model)["ops"])
+        own = lambda i: teacher_evaluation if i % 2 == 0 else evaluation  # noqa: E731  [original, slim, original int8, slim int8]
+        latency = bench(timed, batch_sizes=(1,), seq_lengths=(128,), threads=1, text_batches=own if prunes_tokens else None)
         result = {"export": slim, "original_export": original, "bench": latency}
+        result["timed_inputs"] = latency["settings"]["inputs"] + (f"; {latency['real_text']['inputs']}" if prunes_tokens else "")
         if pooled is not None:
             result["pooled_export"] = pooled
         if int8:

@@ -26,6 +26,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,7 @@ import torch
 from shrink.console import note
 from shrink.console import progress as progress_bar
 from shrink.errors import BadInputError
+from shrink.train import distributed
 from shrink.train.device import resolve_device, to_device
 from shrink.train.objectives import Objective, make_objective, objective_loss
 
@@ -202,6 +204,101 @@ def _trade(epochs_done: float, planned_epochs: float, examples: int, budget_s: f
     return f"{what}, budget {format_duration(budget_s)})"
 
 
+# --- mixed precision, gradient checkpointing -------------------------------------------------------
+
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class Scaling:
+    """How train() runs the model (`shrink prune --mixed-precision / --gradient-checkpointing`):
+    mixed_precision "bf16" (CPU, or a GPU that has it) or "fp16" (GPU, with a gradient scaler) runs
+    the forward passes under torch.autocast, the weights and the optimizer staying fp32;
+    gradient_checkpointing recomputes each layer's activations in backward instead of keeping them
+    (Hugging Face's gradient_checkpointing_enable; it acts in training mode only, so not with
+    dropout=False)."""
+
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+
+
+_SCALING: contextvars.ContextVar[Scaling] = contextvars.ContextVar("shrink_scaling", default=Scaling())
+
+
+@contextmanager
+def scaling(mixed_precision: str = "no", gradient_checkpointing: bool = False) -> Iterator[Scaling]:
+    """Every train() call inside runs with these settings (how the pipeline hands them to methods)."""
+    check_precision(mixed_precision)
+    token = _SCALING.set(Scaling(mixed_precision, gradient_checkpointing))
+    try:
+        yield _SCALING.get()
+    finally:
+        _SCALING.reset(token)
+
+
+def check_precision(mixed_precision: str, device: str | None = None) -> None:
+    """A clear error for a precision the device cannot run (device None: only the name is checked)."""
+    if mixed_precision not in PRECISIONS:
+        raise BadInputError(f"--mixed-precision {mixed_precision!r}: use one of {', '.join(PRECISIONS)}")
+    if device is None or mixed_precision == "no":
+        return
+    if mixed_precision == "fp16" and not device.startswith("cuda"):
+        raise BadInputError("--mixed-precision fp16 needs a GPU (its gradient scaler is CUDA's)", hint="use bf16 on the CPU")
+    if mixed_precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise BadInputError("--mixed-precision bf16: this GPU has no bfloat16", hint="use fp16")
+
+
+def _autocast(mixed_precision: str, device: str):
+    if mixed_precision == "no":
+        return nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
+
+
+@contextmanager
+def _fp32_outputs(models, mixed_precision: str):
+    """Under autocast, the models' outputs cast to fp32 (what Accelerate's convert_to_fp32 does), so
+    the losses (a KL of near-equal distributions, an MSE) are not summed in bf16 / fp16."""
+    if mixed_precision == "no":
+        yield
+        return
+    handles = [m.register_forward_hook(lambda module, args, output: _to_fp32(output)) for m in models if isinstance(m, torch.nn.Module)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _to_fp32(value):
+    if torch.is_tensor(value):
+        return value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
+    if isinstance(value, dict):  # a transformers ModelOutput is an OrderedDict: set in place
+        for key in list(value.keys()):
+            value[key] = _to_fp32(value[key])
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_fp32(v) for v in value)
+    return value
+
+
+@contextmanager
+def _checkpointing(model, on: bool):
+    """Gradient checkpointing on for the run (if asked and the model has it), as it was afterwards."""
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    was = bool(getattr(model, flag, False))  # (transformers 5 renamed it and warns on the old name)
+    if not on or was:
+        yield
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise BadInputError(f"--gradient-checkpointing: {type(model).__name__} does not support it", hint="drop --gradient-checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
+
+
 def _examples(batches: list[dict]) -> int:
     count = 0
     for batch in batches:
@@ -236,6 +333,8 @@ def train(
     budget_s: float | None = None,
     min_fraction: float = 0.0,
     clock: Callable[[], float] = time.perf_counter,
+    mixed_precision: str | None = None,
+    gradient_checkpointing: bool | None = None,
 ) -> dict:
     """Minimise `objective` over `batches` by AdamW on `params` (default: the model's trainable
     parameters, gradient-clipped to grad_clip); extra optimizers step (and are zeroed) with it, on
@@ -249,14 +348,30 @@ def train(
     would not fit it trains fewer, never fewer than one past min_fraction of them (the scope's
     min_fraction when inside one), with the schedule rescaled to end at the new last step; it prints
     one note and records history["budget"]: budget_s, planned_steps, steps, epochs_done, shortened,
-    over_budget, seconds and trade (a sentence). `clock` is the time source (tests inject one)."""
+    over_budget, seconds and trade (a sentence). `clock` is the time source (tests inject one).
+
+    mixed_precision, gradient_checkpointing: see Scaling (None: the enclosing scaling()'s). Launched
+    as several processes (shrink.train.distributed), the run is data parallel with the global batch,
+    order and steps of one process; history["processes"] is then the number of processes."""
     hooks = hooks or Hooks()
+    settings = _SCALING.get()
+    mixed_precision = settings.mixed_precision if mixed_precision is None else mixed_precision
+    gradient_checkpointing = settings.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     scope = _SCOPE.get() if budget_s is None else None
     if scope is not None:
         budget_s, min_fraction, clock = max(0.0, scope.seconds - scope.spent), max(min_fraction, scope.min_fraction), scope.clock
-    torch.manual_seed(seed)
     if device is not None:
         model.to(device)
+    where = str(device or next(model.parameters()).device)
+    check_precision(mixed_precision, where)
+    dist = distributed.current(where)
+    if dist is None:
+        torch.manual_seed(seed)
+        shared = None
+    else:  # dropout differs per process; what before_step samples (the model's structure) does not
+        torch.manual_seed(seed + dist.rank)
+        shared = distributed.SharedRandom(seed)
+        progress = progress and dist.is_main
     micro_batches = max(1, math.ceil(epochs * len(batches)))
     total = total_steps(len(batches), epochs, grad_accum, max_steps)
     every_tenth = eval_every is None  # the default: rescaled with the run when a budget shortens it
@@ -265,13 +380,22 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=lr, foreach=foreach)
     scheduler = schedule(optimizer, total, warmup)
     optimizers = [optimizer, *extra_optimizers]
+    scaler = torch.amp.GradScaler("cuda") if mixed_precision == "fp16" else None
+    if dist is not None:
+        wrapped = dist.wrap(distributed.LossModule(model, objective))
+        # what DDP does not see: the gates', multipliers' and scores' gradients, averaged at each step
+        outside = distributed.outside([*params, *(p for opt in extra_optimizers for g in opt.param_groups for p in g["params"])], model)
+        whole_batch_teacher = distributed.compares_rows(objective)
+        run_evaluate = evaluate and (lambda: distributed.on_main(evaluate))
+    else:
+        run_evaluate = evaluate
     planned = total
     keep_best = bool(evaluate and early_stop_patience)
     budget = None if budget_s is None else _Budget(budget_s, planned, min_fraction, clock, eval_every if keep_best else None, evaluate is not None)
 
     history = {"steps": 0, "losses": [], "evals": []}
     eval_started = clock()
-    history["eval_loss_before"] = best = evaluate() if evaluate else None
+    history["eval_loss_before"] = best = run_evaluate() if evaluate else None
     if budget is not None and evaluate:
         budget.evaluated(clock() - eval_started, in_loop=False)
     best_state = _snapshot(model) if keep_best else None
@@ -279,27 +403,51 @@ def train(
 
     order = batch_order(len(batches), micro_batches, seed)
     model.train(dropout)
-    with progress_bar() as bar:
+    with progress_bar() as bar, _checkpointing(model, gradient_checkpointing), _fp32_outputs([model, objective.teacher], mixed_precision):
         task = bar.add_task(label, total=total, status="", visible=progress)
         running, micro = 0.0, 0
         for index in order:
             step = history["steps"]
             if hooks.before_step is not None:
-                hooks.before_step(step)
+                with shared.active() if shared is not None else nullcontext():
+                    hooks.before_step(step)
             batch = batches[index] if device is None else to_device(batches[index], device)
-            with torch.no_grad():
-                targets = objective.targets(batch)
-            loss = objective(model, batch, targets)
-            full = loss if hooks.extra_loss is None else loss + hooks.extra_loss(step)
-            (full / grad_accum).backward()
-            running += loss.item() / grad_accum
+            syncs = (micro + 1) % grad_accum == 0 or micro + 1 == len(order)  # the step's last micro-batch
+            if dist is None:
+                with _autocast(mixed_precision, where):
+                    with torch.no_grad():
+                        targets = objective.targets(batch)
+                    loss = objective(model, batch, targets)
+                full = loss if hooks.extra_loss is None else loss + hooks.extra_loss(step)
+                (full / grad_accum if scaler is None else scaler.scale(full / grad_accum)).backward()
+                running += loss.item() / grad_accum
+            else:
+                rows = dist.rows(batch)
+                local, weight = dist.shard(batch, rows), dist.weight(rows)
+                with dist.no_sync(wrapped, skip=not syncs):
+                    with _autocast(mixed_precision, where):
+                        with torch.no_grad():
+                            targets = dist.shard(objective.targets(batch), rows) if whole_batch_teacher else objective.targets(local)
+                        loss = wrapped(local, targets)
+                    # weighted by the rows' share, so DDP's average is the global batch's gradient
+                    full = loss * weight if hooks.extra_loss is None else loss * weight + hooks.extra_loss(step)
+                    (full / grad_accum if scaler is None else scaler.scale(full / grad_accum)).backward()
+                running += loss.item() * weight / dist.world / grad_accum  # summed over processes below
             micro += 1
-            if micro % grad_accum and micro != len(order):
+            if not syncs:
                 continue
+            if dist is not None:
+                dist.average_gradients(outside)
+                running = dist.sum(running)
+            if scaler is not None:
+                for opt in optimizers:
+                    scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
             for opt in optimizers:
-                opt.step()
-            if budget is not None and (fit := budget.fits(history["steps"] + 1, total)) < total:
+                opt.step() if scaler is None else scaler.step(opt)
+            if scaler is not None:
+                scaler.update()
+            if budget is not None and (fit := _agreed(dist, budget.fits(history["steps"] + 1, total))) < total:
                 # later steps would overrun: end at `fit`; so do the warm-up and the decay (before
                 # scheduler.step, so the next step's rate is already the rescaled one)
                 total = scheduler.lr_lambdas[0].total = fit
@@ -325,7 +473,7 @@ def train(
             bar.update(task, advance=1, status=status)
             if keep_best and history["steps"] % eval_every == 0:
                 eval_started = clock()
-                current = evaluate()
+                current = run_evaluate()
                 if budget is not None:
                     budget.evaluated(clock() - eval_started)
                 history["evals"].append({"step": history["steps"], "loss": round(current, 6)})
@@ -341,8 +489,12 @@ def train(
                 break
 
     history["stopped_early"] = stopped_early
+    if dist is not None:
+        history["processes"] = dist.world
+        wrapped = None
+        dist.release()
     # an early stop already knows its last weights are worse; otherwise the final weights are evaluated once
-    final = evaluate() if evaluate and not stopped_early else None
+    final = run_evaluate() if evaluate and not stopped_early else None
     if keep_best and (stopped_early or final > best):
         # the weights of the best evaluation, which may be the starting ones: a run that went to the
         # end but ended worse than it was at some evaluation must not hand back the worse model
@@ -356,6 +508,11 @@ def train(
             scope.spent += history["budget"]["seconds"]
             scope.runs.append({"label": label, **history["budget"]})
     return history
+
+
+def _agreed(dist, value):
+    """The main process's value on every process (a decision from its clock: all must take it)."""
+    return value if dist is None else dist.broadcast(value)
 
 
 def _budget_record(budget: _Budget, steps: int, planned: int, batches, epochs: float, grad_accum: int, clock) -> dict:

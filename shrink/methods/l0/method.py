@@ -77,6 +77,7 @@ from shrink.models.sentence import check_hidden_pruning
 from shrink.surgery import KeepFFN, KeepHeads, KeepHidden, ffn_per_layer, heads_per_layer, runtime, word_embeddings_of
 from shrink.surgery.gates import Gates
 from shrink.surgery.ops import adapter_of, head_size, hidden_size, layers_of
+from shrink.train import distributed
 from shrink.train.loop import Hooks, total_steps, train
 from shrink.train.objectives import Objective, SumObjective, choose_objective
 
@@ -147,7 +148,8 @@ def target_cost(model, target: L0Target, options: L0Options) -> tuple[LinearCost
     if target.flops_fraction is not None:
         return flops_cost(model, options.seq_len), target.flops_fraction, {}
 
-    cost, table = latency_cost(model, options.seq_len, threads=1, rounds=options.latency_rounds)
+    # timed once, on the main process: processes timing their own would train to different targets
+    cost, table = distributed.on_main(lambda: latency_cost(model, options.seq_len, threads=1, rounds=options.latency_rounds))
     return cost, 1.0 / target.speedup, {"latency_table": table}
 
 
