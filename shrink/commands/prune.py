@@ -50,11 +50,12 @@ def register(app: typer.Typer) -> None:
             from shrink.prune.pipeline import PruneSettings
             from shrink.prune.pipeline import prune as run_prune
             from shrink.prune.report import show
-            from shrink.train.distributed import is_main
+            from shrink.train.distributed import check_launch, is_main
             from shrink.train.loop import check_precision, parse_duration
 
             if device not in ("cpu", "cuda"):
                 raise BadInputError(f"--device {device!r}: use cpu or cuda")
+            check_launch()
             check_quality_metric(quality_metric)
             for flag, given in (("--int8", int8), ("--pooling-in-graph", pooling_in_graph)):
                 if given and no_export:

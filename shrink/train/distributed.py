@@ -2,8 +2,9 @@
 
 `accelerate launch --multi_gpu --num_processes N -m shrink.cli prune ...` starts N copies of the whole
 run through torchrun: one per GPU (NCCL), or CPU processes over gloo with `--device cpu` or on a host
-without GPUs (Accelerate's `--cpu` flag with several processes needs mpirun instead); several hosts
-with Accelerate's config. Each copy loads the same model, teacher and data. Then:
+without GPUs; `accelerate launch --cpu --num_processes N --mpirun_hostfile FILE` starts N CPU processes
+through mpirun (gloo too; without the hostfile Accelerate starts one, which check_launch refuses);
+several hosts with Accelerate's config. Each copy loads the same model, teacher and data. Then:
 
     training (shrink.train.loop.train)   data parallel: each process takes its contiguous slice of the
                                          rows of every global batch (the global batch, the batch order
@@ -41,9 +42,34 @@ _CURRENT: Distributed | None = None
 _SOLO = 0  # > 0 while the main process runs something alone (on_main): then it is a one-process run
 
 
+# where a launcher says how many processes there are: torchrun (WORLD_SIZE), Intel MPI / MPICH, Open MPI,
+# MVAPICH (what `accelerate launch --cpu --mpirun_hostfile` runs); Accelerate reads the same ones
+_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def world_size() -> int:
+    for name in _WORLD_SIZE_VARIABLES:
+        if os.environ.get(name, "").strip().isdigit():
+            return int(os.environ[name])
+    return 1
+
+
 def launched() -> bool:
-    """Whether this process is one of several (accelerate launch / torchrun set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether this process is one of several (torchrun, or mpirun under accelerate launch --cpu)."""
+    return world_size() > 1
+
+
+def check_launch() -> None:
+    """One clear error for the launch that silently runs alone: `accelerate launch --cpu --num_processes
+    N` without `--mpirun_hostfile` starts ONE process (it still sets MASTER_ADDR for the N it meant)."""
+    from shrink.errors import BadInputError
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ and not launched():
+        raise BadInputError(
+            "accelerate launch --cpu with several processes started only one (its --cpu path runs them through mpirun)",
+            hint="add --mpirun_hostfile FILE (Open MPI or Intel MPI installed), or use --multi_gpu, which starts "
+            "gloo processes on a host without GPUs",
+        )
 
 
 def current(device: str | None = None) -> Distributed | None:

@@ -224,3 +224,21 @@ def test_gradient_checkpointing_gives_the_same_training_and_is_switched_off_afte
         checkpointed, student = _distill_losses()
     assert checkpointed == pytest.approx(plain, rel=1e-5, abs=1e-7)
     assert not student.is_activation_checkpointing
+
+
+def test_the_launchers_world_size_is_read_and_a_lone_cpu_launch_is_refused(monkeypatch):
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.world_size() == 1 and not distributed.launched()
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # mpirun (accelerate launch --cpu --mpirun_hostfile)
+    assert distributed.world_size() == 2 and distributed.launched()
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    distributed.check_launch()  # several processes: fine
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+    # `accelerate launch --cpu --num_processes 2` without a hostfile: one process, MASTER_ADDR set for two
+    with pytest.raises(BadInputError, match="started only one") as caught:
+        distributed.check_launch()
+    assert "--mpirun_hostfile" in caught.value.hint and "--multi_gpu" in caught.value.hint
+    monkeypatch.delenv("MASTER_ADDR")
+    distributed.check_launch()  # `accelerate launch --cpu` with one process: a plain run
