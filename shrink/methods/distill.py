@@ -29,6 +29,7 @@ from shrink.methods.base import Context, StepResult, Strict, register
 from shrink.surgery import encoder_weights, heads_per_layer, layers_of
 from shrink.surgery.gates import Gates
 from shrink.train.loop import distill, total_steps
+from shrink.train.penalties import Penalties, PenaltyOptions
 
 
 class DropHeadOptions(Strict):
@@ -48,6 +49,8 @@ class DistillOptions(Strict):
     dropout: bool = Field(True, description="train with the model's dropout; false for near-lossless recovery, where its noise exceeds the gap")
     layerdrop: float = Field(0.0, ge=0, lt=1, description="LayerDrop: probability that a layer is bypassed in a training step (Fan et al. 2020); 0 = off")
     drophead: DropHeadOptions | None = Field(None, description="Scheduled DropHead (Zhou et al. 2020): drop whole heads per sample while training; unset = off")
+    penalties: list[PenaltyOptions] = Field(default_factory=list, description="weight penalties added to the training (shrink.train.penalties): "
+                                            "l1, group_lasso, hoyer_square, aligned_cosine, aligned_frobenius, rpp")
 
     @model_validator(mode="after")
     def drophead_is_distills(self):
@@ -72,8 +75,11 @@ def distill_step(ctx: Context, target, options: DistillOptions) -> StepResult:
         watch = ctx.calibration[::10]
         train = [b for i, b in enumerate(ctx.calibration) if i % 10]
     hold_zeros = sparsity_keeper(ctx.model)
+    penalties = Penalties(ctx.model, options.penalties, options.lr, options.warmup) if options.penalties else None
+    if penalties is not None:
+        hold_zeros = chain_after(penalties.after_step, hold_zeros)
     if options.layerdrop == 0 and options.drophead is None:
-        history = run_distill(ctx, options, train, watch, None, hold_zeros)
+        history = run_distill(ctx, options, train, watch, None, hold_zeros, penalties and penalties.extra_loss)
     else:  # gates only when asked for: without LayerDrop or DropHead the training is exactly what it always was
         with Gates(ctx.model) as gates:
             before_step, after_step = None, hold_zeros
@@ -85,17 +91,32 @@ def distill_step(ctx: Context, target, options: DistillOptions) -> StepResult:
             if options.layerdrop:
                 before_step, after_step = layer_dropper(gates, len(layers_of(ctx.model)), options.layerdrop, ctx.seed, after_step, before_step)
             try:
-                history = run_distill(ctx, options, train, watch, before_step, after_step)
+                history = run_distill(ctx, options, train, watch, before_step, after_step, penalties and penalties.extra_loss)
             finally:
                 if dropper is not None:
                     dropper.remove()
             if dropper is not None:
                 history["drophead"] = dropper.summary()
     ctx.model.eval()
-    return StepResult(plan=None, stats={"distill": history})
+    stats = {"distill": history}
+    if penalties is not None:
+        stats["penalties"] = penalties.summary()
+    return StepResult(plan=None, stats=stats)
 
 
-def run_distill(ctx: Context, options: DistillOptions, train, watch, before_step, after_step) -> dict:
+def chain_after(first, then):
+    """One after_step callback running `first`, then `then` (either may be None)."""
+    if first is None or then is None:
+        return first or then
+
+    def both(done: int, total: int) -> None:
+        first(done, total)
+        then(done, total)
+
+    return both
+
+
+def run_distill(ctx: Context, options: DistillOptions, train, watch, before_step, after_step, extra_loss=None) -> dict:
     return distill(
         ctx.model,
         ctx.teacher,
@@ -113,6 +134,7 @@ def run_distill(ctx: Context, options: DistillOptions, train, watch, before_step
         device=ctx.device,
         before_step=before_step,
         on_step=after_step,  # runs before any early-stop snapshot, so restored weights keep the zeros too
+        extra_loss=extra_loss,
     )
 
 

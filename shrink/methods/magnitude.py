@@ -31,10 +31,11 @@ from pydantic import Field, model_validator
 
 from shrink.errors import BadInputError
 from shrink.methods.base import Context, StepResult, Strict, register
-from shrink.methods.distill import DistillOptions
+from shrink.methods.distill import DistillOptions, chain_after
 from shrink.surgery import encoder_weights
 from shrink.surgery.ops import ENCODER_MODULES as MODULES
 from shrink.train.loop import distill
+from shrink.train.penalties import Penalties
 
 
 class SparsityTarget(Strict):
@@ -55,6 +56,8 @@ class MagnitudeOptions(DistillOptions):
             raise ValueError("end must come after start")
         if self.early_stop_patience is not None:
             raise ValueError("early_stop_patience does not apply: the sparsity schedule needs every step")
+        if self.layerdrop:
+            raise ValueError("layerdrop applies to the distill step only")
         unknown = [m for m in self.modules if m not in MODULES]
         if unknown or not self.modules:
             raise ValueError(f"modules must be a non-empty list of {', '.join(MODULES)}; unknown: {unknown}")
@@ -151,10 +154,13 @@ def gradual_magnitude(ctx: Context, target: SparsityTarget, options: MagnitudeOp
         if state["masks"] is not None:
             apply_masks(weights, state["masks"])
 
+    penalties = Penalties(ctx.model, options.penalties, options.lr, options.warmup) if options.penalties else None
     history = distill(
         ctx.model, ctx.teacher, ctx.calibration, eval_batches=None, epochs=options.epochs, max_steps=options.max_steps,
         lr=options.lr, warmup=options.warmup, grad_clip=options.grad_clip, grad_accum=options.grad_accum,
-        loss=tuple(options.loss), device=ctx.device, seed=ctx.seed, on_step=on_step,
+        loss=tuple(options.loss), device=ctx.device, seed=ctx.seed,
+        on_step=chain_after(penalties and penalties.after_step, on_step),  # the schedule's zeros last
+        extra_loss=penalties and penalties.extra_loss,
     )
     # exactly the target at the end, whatever the schedule's last update was
     apply_masks(weights, magnitude_masks(weights, target.sparsity, options.scope))
@@ -171,4 +177,6 @@ def gradual_magnitude(ctx: Context, target: SparsityTarget, options: MagnitudeOp
         "seconds": round(time.perf_counter() - started, 2),
         "note": "unstructured zeros: dense runtimes run no faster; sizes are dense vs deflate-compressed",
     }
+    if penalties is not None:
+        stats["penalties"] = penalties.summary()
     return StepResult(plan=None, stats=stats)

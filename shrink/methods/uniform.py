@@ -15,6 +15,8 @@ neurons alike, the largest whose predicted latency is within 1/speedup of the de
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field, model_validator
 
@@ -22,6 +24,7 @@ from shrink.errors import BadInputError
 from shrink.methods.base import Context, StepResult, Strict, register
 from shrink.methods.l0.latency_table import latency_cost
 from shrink.methods.posttrain import example_losses
+from shrink.methods.taylor import taylor_importance
 from shrink.surgery import ffn_per_layer, heads_per_layer
 from shrink.surgery.gates import Gates
 from shrink.surgery.plan import KeepFFN, KeepHeads
@@ -46,6 +49,9 @@ class UniformOptions(Strict):
     batch_size: int = Field(32, ge=1)
     seq_len: int = Field(128, ge=8, description="tokens at which the latency table is measured")
     latency_rounds: int = Field(30, ge=3, description="timed rounds per variant for the latency table")
+    score: Literal["gradient", "taylor"] = Field(
+        "gradient", description="gradient: per-example |dL/dgate| of every head and neuron (TextPruner); taylor: the squared "
+                                "first-order Taylor change of removing each unit's weights, per batch, with the run's objective (shrink.methods.taylor)")
 
 
 def unit_importance(ctx: Context, batches: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -103,7 +109,11 @@ def uniform_importance(ctx: Context, target: UniformTarget, options: UniformOpti
     else:
         keep_heads, keep_ffn = target.heads_per_layer, target.ffn_per_layer
     batches = ctx.calibration_batches(options.calibration_samples, options.max_length, options.batch_size)
-    head_scores, ffn_scores = unit_importance(ctx, batches)
+    if options.score == "taylor":
+        generator = torch.Generator().manual_seed(ctx.seed)
+        head_scores, ffn_scores = taylor_importance(ctx, batches, lambda batch: example_losses(ctx, batch, generator).sum())
+    else:
+        head_scores, ffn_scores = unit_importance(ctx, batches)
     plan = []
     if keep_heads is not None:
         plan.append(KeepHeads(keep_top(head_scores, keep_heads)))

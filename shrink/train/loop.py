@@ -555,12 +555,13 @@ def distill(
     on_step=None,
     before_step=None,
     dropout: bool = True,
+    extra_loss=None,
 ) -> dict:
     """Train the student to match the teacher (and/or the labels) with train(). With eval_batches and
     early_stop_patience, stops after that many evaluations without improvement, and always ends with
     the best evaluated weights. `on_step(step, total_steps)`, if given, runs after every optimizer
     step (e.g. to apply a pruning schedule); `before_step(step)` before every forward pass (e.g. to
-    sample layer gates). dropout=False trains in eval mode: for near-lossless
+    sample layer gates); `extra_loss(step)` is added to the objective (penalties). dropout=False trains in eval mode: for near-lossless
     recovery (the student already within a percent of the teacher), the noise dropout adds is larger
     than the gap being closed. Returns the history."""
     if not train_batches:
@@ -579,7 +580,8 @@ def distill(
     if eval_batches:
         eval_targets = [objective.targets(to_device(b, device)) for b in eval_batches]
         evaluate = lambda: objective_loss(student, objective, eval_batches, eval_targets, device)
-    hooks = Hooks(before_step=before_step, after_step=[lambda done, total, _: on_step(done, total)] if on_step is not None else [])
+    hooks = Hooks(before_step=before_step, extra_loss=extra_loss,
+                  after_step=[lambda done, total, _: on_step(done, total)] if on_step is not None else [])
     trained = train(
         student, train_batches, objective, epochs=epochs, max_steps=max_steps, lr=lr, warmup=warmup,
         grad_clip=grad_clip, grad_accum=grad_accum, seed=seed, hooks=hooks, evaluate=evaluate, eval_every=eval_every,

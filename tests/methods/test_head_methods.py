@@ -21,7 +21,7 @@ def context(seed=0):
     return method_context(model, [tiny_inputs(model, batch=4, length=10, seed=s) for s in range(2)], seed=seed)
 
 
-@pytest.mark.parametrize("name, options", [("heads.a_star", {}), ("heads.importance", {})])
+@pytest.mark.parametrize("name, options", [("heads.a_star", {}), ("heads.importance", {}), ("heads.importance", {"score": "taylor"})])
 def test_the_useless_head_goes_first(name, options):
     method = get_method(name)
     result = method.fn(context(), method.target(heads_count=1), method.options(**options))

@@ -35,6 +35,8 @@ from pydantic import Field, model_validator
 
 from shrink.errors import BadInputError
 from shrink.methods.base import Context, StepResult, Strict, register
+from shrink.methods.posttrain import example_losses
+from shrink.methods.taylor import taylor_importance
 from shrink.surgery import KeepHeads, apply, heads_per_layer
 from shrink.surgery.gates import Gates
 from shrink.train.loop import train
@@ -69,6 +71,9 @@ class ImportanceOptions(Strict):
     iterations: int = Field(1, ge=1, description="remove the target's heads in this many rounds, importance re-estimated on the pruned model after each (1: one shot)")
     recovery_steps: int = Field(0, ge=0, description="optimizer steps of training with the run's objective after every round but the last (0: none)")
     recovery_lr: float = Field(5e-5, gt=0, description="learning rate of those steps (AdamW, linear warm-up and decay within each recovery)")
+    score: Literal["gradient", "taylor"] = Field(
+        "gradient", description="gradient: |dL/dgate| of a gate on each head's output (Michel et al.); taylor: the squared first-order "
+                                "Taylor change of removing the head's weights, Q/K/V rows and output columns, per batch (shrink.methods.taylor)")
 
     @model_validator(mode="after")
     def one_normalisation(self):
@@ -112,6 +117,13 @@ def gradient_importance(ctx: Context, batches: list[dict]) -> list[torch.Tensor]
     return [s.abs() for s in scores]
 
 
+def head_scores(ctx: Context, batches: list[dict], options: ImportanceOptions) -> list[torch.Tensor]:
+    if options.score == "taylor":  # the objective where it has a gradient, else posttrain's per-example probe
+        generator = torch.Generator().manual_seed(ctx.seed)
+        return taylor_importance(ctx, batches, lambda batch: example_losses(ctx, batch, generator).sum())[0]
+    return gradient_importance(ctx, batches)
+
+
 def normalised(scores: list[torch.Tensor], per_layer: bool) -> list[torch.Tensor]:
     if not per_layer:
         return scores
@@ -140,7 +152,7 @@ def heads_importance(ctx: Context, target: HeadsCountTarget, options: Importance
     batches = ctx.calibration_batches(options.calibration_samples, options.max_length, options.batch_size)
     stats = {"heads_before": sum(counts), "heads_removed": n_remove, "calibration_samples": sum(b["input_ids"].shape[0] for b in batches)}
     if options.iterations == 1:  # one shot: exactly what it always was
-        removed = lowest(normalised(gradient_importance(ctx, batches), options.per_layer()), n_remove)
+        removed = lowest(normalised(head_scores(ctx, batches, options), options.per_layer()), n_remove)
         return StepResult(plan=plan_without(counts, removed), stats=stats)
 
     sizes = round_sizes(n_remove, options.iterations)
@@ -148,7 +160,7 @@ def heads_importance(ctx: Context, target: HeadsCountTarget, options: Importance
     rounds, plan = [], []
     for index, size in enumerate(sizes):
         current = heads_per_layer(ctx.model)
-        removed = lowest(normalised(gradient_importance(ctx, batches), options.per_layer()), size)
+        removed = lowest(normalised(head_scores(ctx, batches, options), options.per_layer()), size)
         plan = plan_without(current, removed)
         record = {"removed": sorted([layer, alive[layer][h]] for layer, h in removed)}
         for layer, h in sorted(removed, reverse=True):
