@@ -48,12 +48,15 @@ class Hooks:
     extra_loss(step) -> tensor     added to every micro-batch's objective loss before backward
     after_step(done, total, loss)  after every optimizer step; loss is the step's objective loss
     status(loss) -> str            the progress bar's text (default: the loss)
+    stop(done) -> bool             after every optimizer step: True ends the training there (a
+                                   method's own convergence test; history["stopped_by_hook"])
     """
 
     before_step: Callable[[int], None] | None = None
     extra_loss: Callable[[int], torch.Tensor] | None = None
     after_step: list[Callable[[int, int, float], None]] = field(default_factory=list)
     status: Callable[[float], str] | None = None
+    stop: Callable[[int], bool] | None = None
 
 
 class WarmupDecay:
@@ -485,6 +488,9 @@ def train(
                     if bad_evals >= early_stop_patience:
                         stopped_early = True
                         break
+            if hooks.stop is not None and hooks.stop(history["steps"]):
+                history["stopped_by_hook"] = history["steps"]
+                break
             if history["steps"] >= total:
                 break
 

@@ -186,7 +186,7 @@ def train_with_head_gates(ctx: Context, gate_params: Sequence[torch.nn.Parameter
 
         extra.insert(0, gate_optimizer)
         after.insert(0, gate_schedule)
-    hooks = Hooks(before_step=hooks.before_step, extra_loss=hooks.extra_loss, after_step=after, status=hooks.status)
+    hooks = Hooks(before_step=hooks.before_step, extra_loss=hooks.extra_loss, after_step=after, status=hooks.status, stop=hooks.stop)
     try:
         return train(
             model, ctx.calibration, ctx.objective, epochs=options.epochs, max_steps=options.max_steps,
