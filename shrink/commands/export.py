@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
         atol: Annotated[float, typer.Option(min=0, help="fp32 parity tolerance (max abs difference).")] = 1e-4,
         min_agreement: Annotated[float, typer.Option(min=0, max=1, help="int8: minimum top-1 agreement / embedding cosine.")] = 0.98,
         pooling_in_graph: Annotated[bool, typer.Option("--pooling-in-graph", help="Embedding models: the output is the pooled, normalized `sentence_embedding` (the model's own sentence-transformers pooling; mean for a plain model) instead of the token states.")] = False,
+        sparse_onnx: Annotated[bool, typer.Option("--sparse-onnx", help="Store mostly-zero weights (unstructured pruning; those above 2/3 zeros) as ONNX sparse initializers: a smaller file (~3.3x per 90%-zero fp32 matrix), parity-gated; onnxruntime densifies them at load, so it runs no faster.")] = False,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
         json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     ) -> None:
@@ -37,6 +38,8 @@ def register(app: typer.Typer) -> None:
             if target.suffix != ".onnx":
                 raise BadInputError(f"-o {target}: the output file must end in .onnx")
             check_opset(opset)
+            if sparse_onnx and int8:
+                raise BadInputError("--sparse-onnx and --int8 together are not supported", hint="export the sparse graph in fp32")
             try:
                 if target.exists() and not overwrite:
                     raise BadInputError(f"{target} exists", hint="pass --overwrite or choose another -o")
@@ -66,7 +69,7 @@ def register(app: typer.Typer) -> None:
                 note("note: no tokenizer found; parity is checked on random token ids only")
             report = export_onnx(
                 loaded, target, opset=opset, optimize=optimize, int8=int8, atol=atol,
-                min_agreement=min_agreement, tokenizer=tokenizer, overwrite=overwrite, pooling=pooling,
+                min_agreement=min_agreement, tokenizer=tokenizer, overwrite=overwrite, pooling=pooling, sparse=sparse_onnx,
             )
             report["model"] = model
             if json_output:
@@ -82,3 +85,5 @@ def register(app: typer.Typer) -> None:
                 out.print(f"optimized: {report.get('fused_ops') or report.get('optimize_skipped')}")
             if int8:
                 out.print(f"int8 agreement with torch: {report['agreement']}")
+            if sparse_onnx:
+                out.print(f"{report['sparse']['sparse_initializers']} weights stored as sparse initializers (onnxruntime densifies them at load: same speed)")

@@ -250,6 +250,6 @@ def sparsity_keeper(model):
     @torch.no_grad()
     def hold_zeros(step: int, total: int) -> None:
         for name, w in weights.items():
-            w.mul_(masks[name])
+            w.masked_fill_(~masks[name], 0.0)  # +0.0, as weights.magnitude writes them (a sparse file stores -0.0 apart)
 
     return hold_zeros

@@ -95,7 +95,7 @@ def _keep_largest(values: torch.Tensor, sparsity: float) -> torch.Tensor:
 @torch.no_grad()
 def apply_masks(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
     for name, w in weights.items():
-        w.mul_(masks[name])
+        w.masked_fill_(~masks[name], 0.0)  # +0.0 (w * 0 leaves -0.0, which a sparse file stores apart)
 
 
 def nonzero_stats(model, weights: dict[str, torch.Tensor]) -> dict:

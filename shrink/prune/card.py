@@ -6,9 +6,9 @@
 
 Everything in it comes from the prune report (and the class name in the written config.json): the
 front matter holds facts only (the base model, the library, tags, the pipeline), no figure that was
-not measured. Optional report keys: "checkpoint" ({"kind": "standard" | "shrink", "why"}; absent:
-"shrink") and "sentence_transformers" ({"pooling", "normalize", "dense_modules", "max_seq_length"};
-absent: not a sentence-transformers model).
+not measured. Optional report keys: "checkpoint" ({"kind": "standard" | "shrink", "why", "weights":
+{"format": "dense" | "sparse-bitmask-v1", ...}}; absent: "shrink", dense) and "sentence_transformers"
+({"pooling", "normalize", "dense_modules", "max_seq_length"}; absent: not a sentence-transformers model).
 """
 
 from __future__ import annotations
@@ -231,7 +231,13 @@ def _loading(report: dict, head: str | None, kind: str, st: dict | None, onnx: d
     auto = f"AutoModel{suffix}"
     remote = ", trust_remote_code=True" if kind == "shrink" else ""
     why = (report.get("checkpoint") or {}).get("why")
-    if kind == "shrink":
+    sparse = ((report.get("checkpoint") or {}).get("weights") or {}).get("format", "dense") != "dense"
+    if kind == "shrink" and sparse:
+        about = ("The weights file stores its mostly-zero matrices sparse (a bitmask + the nonzeros), which plain "
+                 "transformers cannot read, so `modeling_shrink.py` from this directory densifies them on load: "
+                 "`trust_remote_code=True` runs that file (it imports only torch and transformers; read it first). "
+                 "`shrink.load` needs no remote code. Dense kernels run a sparse model no faster.")
+    elif kind == "shrink":
         about = ("The pruned shapes are not the stock architecture's, so transformers builds the model with "
                  "`modeling_shrink.py` from this directory: `trust_remote_code=True` runs that file (it imports only "
                  "torch and transformers; read it first). `shrink.load` needs no remote code.")

@@ -37,6 +37,7 @@ from shrink.models.hub import display_name, load_model, load_tokenizer, resolve
 from shrink.models.info import describe
 from shrink.models.sentence import pooling_of, write_modules
 from shrink.models.slim import atomic_directory, check_output_dir, write_checkpoint
+from shrink.models.sparse import check_mode as check_sparse_mode
 from shrink.models.vocab_tokenizer import tokenization_change
 from shrink.prune.card import write_model_card
 from shrink.prune.recipe import Recipe, load_recipe, validated
@@ -68,6 +69,9 @@ class PruneSettings:
     int8: bool = False  # also write model-int8.onnx and time dense/slim fp32/int8 in one run
     pooling_in_graph: bool = False  # also an ONNX whose output is the pooled `sentence_embedding`
     standard_checkpoint: bool = True  # a plain config (no trust_remote_code) where the shapes allow
+    # auto | on | off: mostly-zero matrices stored as bitmask + nonzeros (shrink.models.sparse); auto
+    # only when the file gets >= 1.5x smaller. A sparse checkpoint is always the shrink format.
+    sparse_format: str = "auto"
     overwrite: bool = False
     overrides: list[str] = field(default_factory=list)
     # wall time for all the training of the run, in seconds, or a duration ("10m", "90s", "1.5h"; a
@@ -280,6 +284,7 @@ def prune(model_ref: str, recipe_refs: list[str], out: str | Path | None = None,
     out = Path(out) if out else default_output(model_ref, recipes)
     resolved = resolve(model_ref)
     check_output_dir(out, settings.overwrite, [Path(resolved)] if Path(resolved).is_dir() else [])
+    check_sparse_mode(settings.sparse_format)
 
     budget = check_budget(settings.budget)
     if budget is not None and not any(method.trains for _, _, method, _, _ in steps):
@@ -374,7 +379,8 @@ def write_outputs(report: dict, out: Path, settings: PruneSettings, model, teach
     """The checkpoint, ONNX + benchmark, report and model card, atomically into `out`."""
     original_tokenizer, original_evaluation = original
     with atomic_directory(out, settings.overwrite) as tmp:
-        report["checkpoint"] = write_checkpoint(model, tmp, tokenizer, manifest_extra, standard=settings.standard_checkpoint)
+        report["checkpoint"] = write_checkpoint(model, tmp, tokenizer, manifest_extra, standard=settings.standard_checkpoint,
+                                                sparse_format=settings.sparse_format)
         write_modules(tmp, pooling, hidden_size(model))  # a sentence-transformers model stays one
         if settings.export:
             report["onnx"] = export_and_bench(

@@ -16,9 +16,15 @@ It is organised by its tables:
 3. `REPLAY` and `apply_manifest(model, manifest)`: one entry per manifest op; apply_manifest replays
    the recorded ops on a freshly built original architecture so that every tensor has the slim shape;
    the weights are then loaded strictly.
+4. Sparse weights (`SPARSE_FORMAT`, `read_weights`, `sparse_from_pretrained`): a checkpoint whose
+   mostly-zero matrices are stored as a bitmask + their nonzeros is densified here, bit-exactly, by
+   shrink.load and by trust_remote_code alike (safetensors, which transformers requires, reads it).
 
 Manifest (the `shrink` section of config.json):
     {"format_version": 1, "ops": [op, ...], ...provenance...}
+    format 2 adds "weights_format": "sparse-bitmask-v1" (section 4); a checkpoint is written with the
+    lowest format that describes it (`manifest_version`), so a shrink that reads format 1 still reads
+    every dense checkpoint and refuses a sparse one with "upgrade" rather than a size mismatch.
 Layer numbers in ops are ORIGINAL layer indices, so an op stays meaningful after layers are dropped.
 Only shape changes are recorded: weight-only plan ops (shrink.surgery.plan.ScaleUnits, the folded
 unit scales of post-training mask tuning) leave no op, the checkpoint holds the scaled weights.
@@ -56,7 +62,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions
 
-MANIFEST_FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 2  # the newest format this file reads (see manifest_version)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,7 +554,12 @@ EMBEDDING_BUILDERS = {
 
 
 def new_manifest() -> dict:
-    return {"format_version": MANIFEST_FORMAT_VERSION, "ops": []}
+    return {"format_version": 1, "ops": []}
+
+
+def manifest_version(manifest: dict) -> int:
+    """The lowest manifest format that describes `manifest`: 2 when its weights are stored sparse."""
+    return 2 if manifest.get("weights_format") else 1
 
 
 def kept_layer_ids(manifest: dict, num_layers: int) -> list[int]:
@@ -1169,3 +1180,111 @@ def apply_manifest(model: nn.Module, manifest: dict) -> None:
             raise ValueError(f"unknown manifest op {op['op']!r}")
         replay(adapter, model, replayed, op)
         replayed["ops"].append(op)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Sparse weights
+# ---------------------------------------------------------------------------------------------
+#
+# sparse-bitmask-v1, inside an ordinary safetensors file. A matrix W stored sparse becomes:
+#     W                  its nonzeros, 1-D, W's dtype, in row-major (C) order
+#     W + SPARSE_MASK    uint8, ceil(numel / 8) bytes: bit i (numpy.packbits order: element 0 is the
+#                        most significant bit of byte 0) is 1 where element i of W.flatten() != 0
+#     W + SPARSE_SIGNS   only when some zero of W is -0.0 (masking by multiplication leaves one where
+#                        a weight was negative): the same bit order over W's zeros, 1 for -0.0
+# and the file's metadata holds {SPARSE_KEY: SPARSE_FORMAT, SPARSE_SHAPES_KEY: json {name: shape}}.
+# Every tensor comes back bit-identical (NaN is a nonzero, -0.0 keeps its sign). Keeping W's own
+# name for the 1-D nonzeros makes a loader that knows nothing of the format fail with a size
+# mismatch instead of silently initialising W afresh.
+
+SPARSE_FORMAT = "sparse-bitmask-v1"
+SPARSE_MASK = ".sparse_mask"
+SPARSE_SIGNS = ".sparse_signs"
+SPARSE_KEY = "shrink_weights_format"
+SPARSE_SHAPES_KEY = "shrink_sparse_shapes"
+
+
+def unpack_mask(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The first `count` bits of numpy.packbits-ordered bytes, as a bool tensor."""
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    return ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:count].bool()
+
+
+def unpack_exactly(packed: torch.Tensor | None, count: int, what: str) -> torch.Tensor:
+    if packed is None or packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (count + 7) // 8:
+        raise ValueError(f"{what} is missing or is not {(count + 7) // 8} uint8 bytes")
+    return unpack_mask(packed, count)
+
+
+def densify(tensors: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """The dense state dict of a sparse-bitmask-v1 file's tensors (`shapes`: the sparse ones')."""
+    import math
+
+    if not isinstance(shapes, dict) or not all(
+        isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape) for shape in shapes.values()
+    ):
+        raise ValueError(f"the file's {SPARSE_SHAPES_KEY} metadata is not a mapping of names to shapes")
+    parts = {name + suffix for name in shapes for suffix in (SPARSE_MASK, SPARSE_SIGNS)}
+    dense = {name: t for name, t in tensors.items() if name not in parts}
+    for name, shape in shapes.items():
+        count, values = math.prod(shape), tensors.get(name)
+        mask = unpack_exactly(tensors.get(name + SPARSE_MASK), count, f"the bitmask of sparse tensor {name}")
+        stored = int(mask.sum())
+        if values is None or values.dim() != 1 or values.numel() != stored:
+            raise ValueError(f"sparse tensor {name}: its bitmask marks {stored} values, the file has {None if values is None else values.numel()}")
+        full = torch.zeros(count, dtype=values.dtype)
+        full[mask] = values
+        if name + SPARSE_SIGNS in tensors:
+            negative = unpack_exactly(tensors[name + SPARSE_SIGNS], count - stored, f"the zero signs of sparse tensor {name}")
+            full[~mask] = torch.zeros(count - stored, dtype=values.dtype).masked_fill_(negative, -0.0)
+        dense[name] = full.reshape(shape)
+    return dense
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, dense: a sparse-bitmask-v1 file is densified."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    kind = metadata.get(SPARSE_KEY)
+    if kind is None:
+        return tensors
+    if kind != SPARSE_FORMAT:
+        raise ValueError(f"{path} stores its weights as {kind!r}; this runtime reads {SPARSE_FORMAT!r} (a newer shrink wrote it)")
+    return densify(tensors, json.loads(metadata.get(SPARSE_SHAPES_KEY, "{}")))
+
+
+HUB_OPTIONS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+def sparse_from_pretrained(load, path, *args, config=None, **kwargs):
+    """transformers' `from_pretrained` (the bound `load`) for a checkpoint whose manifest says its
+    weights are stored sparse: the file is densified here and handed to transformers as a state dict,
+    strictly (a missing, unexpected or mis-shaped weight is an error, never a fresh initialisation).
+    Any other checkpoint goes to `load` exactly as it was called."""
+    import os
+
+    from transformers import AutoConfig
+    from transformers.utils import cached_file
+
+    hub = {k: kwargs.pop(k) for k in HUB_OPTIONS if k in kwargs}
+    given, rest = config, kwargs
+    if config is None or isinstance(config, (str, os.PathLike)):  # AutoModel passes the config it read
+        config, rest = AutoConfig.from_pretrained(config or path, return_unused_kwargs=True, **hub, **kwargs)
+    kind = (getattr(config, "shrink", None) or {}).get("weights_format")
+    if kind is None:
+        return load(path, *args, config=given, **hub, **kwargs)
+    if kind != SPARSE_FORMAT:
+        raise ValueError(f"{path} stores its weights as {kind!r}; this runtime reads {SPARSE_FORMAT!r} (a newer shrink wrote it)")
+    state = read_weights(cached_file(path, "model.safetensors", **hub))
+    wanted = rest.pop("output_loading_info", False)
+    # the file is resolved already, and transformers takes a state dict only without a path
+    model, info = load(None, *args, config=config, state_dict=state, output_loading_info=True, **rest)
+    wrong = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs") if info.get(k)}
+    if wrong:
+        raise ValueError(f"{path}: the sparse weights do not fit the model: {wrong}"[:500])
+    return (model, info) if wanted else model
