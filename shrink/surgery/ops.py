@@ -274,13 +274,17 @@ def prune_vocab(model: nn.Module, keep: list[int]) -> None:
 # --- tokens -------------------------------------------------------------------------------------
 
 
-def prune_tokens(model: nn.Module, keep: dict[int, float], restore: bool = True, fill: str = "state") -> None:
+def prune_tokens(model: nn.Module, keep: dict[int, float], restore: bool = True, fill: str = "state",
+                 thresholds: dict[int, float] | None = None) -> None:
     """Token pruning with drop-and-restore (runtime.TokenPruningEncoder): after the layer at each
     current position listed, a sample keeps ceil(fraction x its real length) tokens, those that
     received the most attention (the first token always, padding never). Fractions count ORIGINAL
     real tokens and must not rise from one layer to the next. Changes no weight: the manifest op
     ({"op": "tokens", "keep": [one fraction per ORIGINAL layer]}) rebuilds it. `fill`: what a dropped
-    token's position holds in the output (runtime.TOKEN_FILLS: "state" or "kept_mean")."""
+    token's position holds in the output (runtime.TOKEN_FILLS: "state" or "kept_mean"). `thresholds`
+    (LTP, tokens.ltp): after the layer at each current position listed, a sample also drops the tokens
+    whose received attention per head is below the threshold (1.0: the average token's share), so
+    the kept count follows the text, not only its length; unlisted layers apply none."""
     adapter, manifest = adapter_of(model), manifest_of(model)
     if any(op["op"] == "tokens" for op in manifest["ops"]):
         raise BadInputError("KeepTokens: the model already prunes tokens", hint="use one token-pruning step per model")
@@ -306,13 +310,27 @@ def prune_tokens(model: nn.Module, keep: dict[int, float], restore: bool = True,
         fractions[original] = current
     if fill not in runtime.TOKEN_FILLS:
         raise BadInputError(f"KeepTokens: unknown fill {fill!r}", hint=f"use one of {', '.join(runtime.TOKEN_FILLS)}")
-    if all(f == 1.0 for f in fractions):
+    per_layer = None
+    if thresholds:
+        per_layer = [0.0] * num_layers
+        for position, value in thresholds.items():
+            if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < len(layer_ids):
+                raise BadInputError(f"KeepTokens: threshold layer {position!r} out of range (the model has {len(layer_ids)} layers)")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) >= 0:
+                raise BadInputError(f"KeepTokens: layer {position}: a threshold must be a number >= 0, got {value!r}")
+            per_layer[layer_ids[position]] = float(value)
+        if not any(per_layer):
+            per_layer = None
+    if all(f == 1.0 for f in fractions) and per_layer is None:
         return
     try:
-        runtime.install_token_pruning(adapter, model, fractions, restore, fill=fill)
+        runtime.install_token_pruning(adapter, model, fractions, restore, fill=fill, thresholds=per_layer)
     except ValueError as exc:
         raise UnsupportedModelError(f"KeepTokens: {exc}") from None
-    manifest["ops"].append({"op": "tokens", "keep": fractions, "restore": True, "significance": "attention", "fill": fill})
+    record = {"op": "tokens", "keep": fractions, "restore": True, "significance": "attention", "fill": fill}
+    if per_layer is not None:
+        record["thresholds"] = per_layer
+    manifest["ops"].append(record)
 
 
 # --- layers -------------------------------------------------------------------------------------

@@ -63,11 +63,13 @@ class KeepTokens:
     """Token pruning (PoWER-BERT, drop-and-restore): layer (current position) -> the share of each
     sample's real tokens kept after it, in (0, 1]; layers not listed keep all. No weight changes:
     the encoder ranks tokens by the attention they receive at run time (runtime.TokenPruningEncoder).
-    fill: what a dropped token's output position holds, "state" or "kept_mean" (runtime.TOKEN_FILLS)."""
+    fill: what a dropped token's output position holds, "state" or "kept_mean" (runtime.TOKEN_FILLS).
+    thresholds: layer -> LTP threshold on the attention a token receives per head (tokens.ltp)."""
 
     keep: dict[int, float]
     restore: bool = True
     fill: str = "state"
+    thresholds: dict[int, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ def apply_keep_vocab(model: nn.Module, op: KeepVocab) -> None:
 
 @handles(KeepTokens)
 def apply_keep_tokens(model: nn.Module, op: KeepTokens) -> None:
-    ops.prune_tokens(model, op.keep, op.restore, op.fill)
+    ops.prune_tokens(model, op.keep, op.restore, op.fill, op.thresholds)
 
 
 @handles(LowRank)

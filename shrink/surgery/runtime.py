@@ -963,15 +963,28 @@ class TokenPruningEncoder:
     shrink_config: object
 
     def token_steps(self) -> dict[int, float]:
-        """Current layer position -> kept fraction after it, for the layers that prune."""
+        """Current layer position -> kept fraction after it, for the layers that prune (a lower
+        fraction than the layer before, or a threshold)."""
         adapter, config = adapter_for(self.shrink_config), self.shrink_config
         ids = kept_layer_ids(getattr(config, "shrink", None) or {}, getattr(config, adapter.num_layers_attr))
         layers = get_module(self, adapter.layers.rpartition(".")[2])
         keep, steps, current = self.shrink_tokens["keep"], {}, 1.0
+        thresholds = self.shrink_tokens.get("thresholds") or [0.0] * len(keep)
+        soft = self.shrink_tokens.get("soft") is not None
         for position, original in enumerate(ids[: len(layers) - 1]):
-            if keep[original] < current and layer_has_attention(adapter, layers[position]):
-                steps[position] = current = float(keep[original])
+            if (keep[original] < current or soft or float(thresholds[original]) > 0) and layer_has_attention(adapter, layers[position]):
+                steps[position] = current = min(current, float(keep[original]))
         return steps
+
+    def token_threshold(self, position: int):
+        """The threshold (hard) or the learned parameter (soft) of the layer at `position`, or None."""
+        adapter, config = adapter_for(self.shrink_config), self.shrink_config
+        original = kept_layer_ids(getattr(config, "shrink", None) or {}, getattr(config, adapter.num_layers_attr))[position]
+        soft = self.shrink_tokens.get("soft")
+        if soft is not None:
+            return soft["thresholds"][original]
+        thresholds = self.shrink_tokens.get("thresholds")
+        return float(thresholds[original]) if thresholds and float(thresholds[original]) > 0 else None
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         steps = self.token_steps()
@@ -991,6 +1004,8 @@ class TokenPruningEncoder:
         hidden, mask = hidden_states, attention_mask
         full = torch.cat([hidden_states, hidden_states[:, :1]], dim=1)  # + a spare row for padding slots
         keep_states = self.shrink_tokens.get("fill", "state") == "state"
+        soft = self.shrink_tokens.get("soft")  # {"thresholds": [param per original layer], "temperature": T}
+        weight, restored, work, counts = real, torch.zeros_like(hidden_states), [], []
         for position, layer in enumerate(layers):
             captured = {}
             hooks = []
@@ -1011,8 +1026,26 @@ class TokenPruningEncoder:
             if bias is not None and heads is not None:  # MPNet rows of the heads this layer kept
                 layer_bias = bias.index_select(1, torch.tensor(heads, device=bias.device))
             significance = token_significance(captured["query"], captured["key"], real, head_size, layer_bias)
+            threshold = self.token_threshold(position)
+            if soft is not None:  # training: no token leaves, each is weighted by how kept it is
+                # received attention per head: 1.0 for a token that gets the average share (LTP's score, length-free)
+                score = significance / (captured["query"].shape[-1] // head_size)
+                kept = torch.sigmoid((score - threshold) / soft["temperature"]) * real
+                kept = torch.where(positions == 0, real, kept)  # the first token stays
+                weight_now = weight * kept
+                if keep_states:  # what leaves now is restored as this layer's state
+                    restored = restored + (weight - weight_now)[:, :, None] * hidden
+                weight = weight_now
+                work.append(weight.sum(dim=1) / original_length)
+                mask = additive_mask(real) + torch.log(weight.clamp_min(1e-6))[:, None, None, :] * real[:, None, None, :]
+                continue
             count = torch.ceil(original_length * steps[position] - 1e-4).clamp(min=1)
+            if threshold is not None:  # LTP: the tokens whose received attention per head is at least the threshold
+                score = significance / (captured["query"].shape[-1] // head_size)
+                above = ((score >= threshold) | (positions == 0)) & (real > 0)  # the first token counts as kept
+                count = torch.minimum(count, above.sum(dim=1).to(count.dtype))
             count = torch.minimum(count, real.sum(dim=1)).long()
+            counts.append(count)
             if keep_states:
                 full = write_back(full, hidden, positions, real)
             index, real = kept_slots(significance, real, count)
@@ -1023,6 +1056,14 @@ class TokenPruningEncoder:
             mask = additive_mask(real)
         # what the family's own encoder returns (BertModel reads .cache; DistilBERT returns it as is)
         output = BaseModelOutput if adapter.family == "distilbert" else BaseModelOutputWithPastAndCrossAttentions
+        if soft is not None:
+            # the share of each sample's tokens the layers process (the first layer all), for a penalty
+            self.shrink_soft_work = (1 + sum(work) + (len(layers) - 1 - len(work)) * (work[-1] if work else 1)) / len(layers)
+            if keep_states:
+                return output(last_hidden_state=restored + weight[:, :, None] * hidden)
+            mean = (hidden * weight[:, :, None]).sum(dim=1) / weight.sum(dim=1, keepdim=True)
+            return output(last_hidden_state=weight[:, :, None] * hidden + (real - weight)[:, :, None] * mean[:, None, :])
+        self.shrink_kept_counts = (original_length, counts)  # what the last batch kept (for reports)
         if not keep_states:  # every position the mean of the kept tokens; theirs are written back next
             mean = (hidden * real[:, :, None]).sum(dim=1) / real.sum(dim=1, keepdim=True)
             full = mean[:, None, :].expand_as(full)
@@ -1040,7 +1081,7 @@ def check_token_keep(keep, num_layers: int) -> list[float]:
 
 
 def install_token_pruning(adapter: Adapter, model: nn.Module, keep: list[float], restore: bool = True,
-                          significance: str = "attention", fill: str = "state") -> None:
+                          significance: str = "attention", fill: str = "state", thresholds: list[float] | None = None) -> None:
     """Make the encoder prune tokens (TokenPruningEncoder) with `keep`, one fraction per ORIGINAL
     layer. Only drop-and-restore is built: without restore a task head would need to be told which
     tokens are left."""
@@ -1060,6 +1101,10 @@ def install_token_pruning(adapter: Adapter, model: nn.Module, keep: list[float],
             TOKEN_ENCODER_CLASSES[cls] = type(f"TokenPruning{cls.__name__}", (TokenPruningEncoder, cls), {})
         encoder.__class__ = TOKEN_ENCODER_CLASSES[cls]
     encoder.shrink_tokens = {"keep": keep, "restore": True, "significance": significance, "fill": fill}
+    if thresholds is not None:
+        if len(thresholds) != len(keep) or not all(float(t) >= 0 for t in thresholds):
+            raise ValueError(f"a tokens op's thresholds are one number >= 0 per original layer ({len(keep)}), got {thresholds!r}")
+        encoder.shrink_tokens["thresholds"] = [float(t) for t in thresholds]
     encoder.shrink_config = model.config
 
 
@@ -1148,7 +1193,8 @@ def replay_vocab(adapter: Adapter, model: nn.Module, manifest: dict, op: dict) -
 def replay_tokens(adapter: Adapter, model: nn.Module, manifest: dict, op: dict) -> None:
     if any(o["op"] == "tokens" for o in manifest.get("ops", [])):
         raise ValueError("a second tokens op (a model prunes tokens by one schedule)")
-    install_token_pruning(adapter, model, op["keep"], bool(op.get("restore", True)), op.get("significance", "attention"), op.get("fill", "state"))
+    install_token_pruning(adapter, model, op["keep"], bool(op.get("restore", True)), op.get("significance", "attention"), op.get("fill", "state"),
+                          op.get("thresholds"))
 
 REPLAY = {
     "heads": replay_heads,

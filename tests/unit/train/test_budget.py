@@ -194,7 +194,7 @@ def test_the_budget_is_split_evenly_among_the_training_steps_left():
 
 def test_the_training_methods_declare_it():
     methods = all_methods()
-    assert sorted(name for name, m in methods.items() if m.trains) == ["distill", "embedding.nonlinear", "heads.dsp", "heads.gates", "l0", "structured.earlybert", "weights.magnitude"]
+    assert sorted(name for name, m in methods.items() if m.trains) == ["distill", "embedding.nonlinear", "heads.dsp", "heads.gates", "l0", "structured.earlybert", "tokens.ltp", "weights.magnitude"]
     l0 = methods["l0"]
     assert l0.min_train_fraction(l0.options(target_warmup=0.3)) == 0.3  # a cut l0 still anneals to its target
     assert PruneSettings().max_samples is None and PruneSettings().budget is None
