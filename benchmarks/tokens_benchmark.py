@@ -76,7 +76,11 @@ def embeddings(model, data: list[dict]) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="16 texts per set and 3 rounds (a smoke run)")
-    parser.add_argument("--targets", default="0.85,0.75,0.65", help="tokens.power target.keep_fraction values")
+    parser.add_argument("--targets", default="0.85,0.75,0.65", help="target.keep_fraction values")
+    parser.add_argument("--method", choices=["power", "ltp"], default="power",
+                        help="power: tokens.power's schedule search (on the calibration chapters); ltp: tokens.ltp, its soft stage "
+                        "trained one epoch on the --distill chapters (or the calibration ones without --distill)")
+    parser.add_argument("--results-name", default="tokens", help="write benchmarks/results/NAME.{json,md}")
     parser.add_argument("--distill", type=int, default=0, help="also distil each pruned model for one epoch on this many "
                         "training chapters (the recipe's distill step; embedding cosine + relation objective), and measure again")
     args = parser.parse_args()
@@ -94,18 +98,25 @@ def main() -> None:
     variants = [(float(t), False) for t in args.targets.split(",")] + [(float(t), True) for t in args.targets.split(",") if args.distill]
     for target, distilled in variants:
         model = copy.deepcopy(teacher)
-        ctx = Context(model=model, teacher=teacher, tokenizer=tokenizer, calibration=data["calibration"],
+        trains_on = distill_data if args.method == "ltp" and distill_data else data["calibration"]
+        ctx = Context(model=model, teacher=teacher, tokenizer=tokenizer, calibration=trains_on,
                       calibration_batches=lambda n, length, size: data["calibration"], evaluation=[],
-                      objective=choose_objective(model, teacher, has_labels=False), has_labels=False)
-        method = get_method("tokens.power")
+                      objective=choose_objective(model, teacher, has_labels=False, training=args.method == "ltp"), has_labels=False)
+        method = get_method(f"tokens.{args.method}")
+        model.requires_grad_(True)  # a copy of the frozen teacher (tokens.ltp trains it)
         result, _ = run_step(ctx, method, method.options(), method.target(keep_fraction=target))
         if distilled:
             model.requires_grad_(True)  # a copy of the frozen teacher
             history = distill(model, teacher, distill_data, epochs=1, lr=5e-5, progress=False)
             steps = history.get("steps")
         model.eval()
-        row = {"method": "tokens.power" + (f" + distill ({args.distill} chapters, 1 epoch)" if distilled else ""), "target_keep": target, "kept_fractions": result.stats["kept_fractions"],
-               "mean_keep": result.stats["mean_keep"], "search_loss": result.stats["loss_after"]}
+        name = f"tokens.{args.method}" + (f" + distill ({args.distill} chapters, 1 epoch)" if distilled else "")
+        if args.method == "power":
+            row = {"method": name, "target_keep": target, "kept_fractions": result.stats["kept_fractions"],
+                   "mean_keep": result.stats["mean_keep"], "search_loss": result.stats["loss_after"]}
+        else:  # thresholds, not fractions: what the layers kept is measured (hard, calibration chapters)
+            row = {"method": name, "target_keep": target, "thresholds": result.stats["thresholds"],
+                   "mean_keep": result.stats["hard_mean_keep"], "soft_mean_keep": result.stats["soft_mean_keep"]}
         if distilled:
             row["distill_steps"] = steps
         for name in ("long", "short"):
@@ -128,19 +139,20 @@ def main() -> None:
         "settings": {"max_length": MAX_LENGTH, "rounds": rounds, "threads": 1,
                      "distillation": f"{args.distill} training chapters, 1 epoch, lr 5e-5" if args.distill else "none (token pruning alone)"},
         "rows": rows, "seconds": round(time.perf_counter() - started, 1),
-        "command": "benchmarks/tokens_benchmark.py" + (" --quick" if args.quick else "") + f" --targets {args.targets}"
-                   + (f" --distill {args.distill}" if args.distill else ""),
+        "command": "benchmarks/tokens_benchmark.py" + (" --quick" if args.quick else "") + f" --method {args.method} --targets {args.targets}"
+                   + (f" --distill {args.distill}" if args.distill else "") + (f" --results-name {args.results_name}" if args.results_name != "tokens" else ""),
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tokens.json").write_text(json.dumps(document, indent=1) + "\n")
-    lines = ["| method | target keep | kept fractions | long: cosine | long: ONNX speedup (own lengths, b=1) | random ids 256, b=1 / b=8 | short: cosine | short: speedup (own lengths, b=1) |",
+    (RESULTS / f"{args.results_name}.json").write_text(json.dumps(document, indent=1) + "\n")
+    lines = ["| method | target keep | kept fractions (power) or thresholds (ltp) | long: cosine | long: ONNX speedup (own lengths, b=1) | random ids 256, b=1 / b=8 | short: cosine | short: speedup (own lengths, b=1) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['target_keep']} | {', '.join(f'{f:g}' for f in r['kept_fractions'])} | {r['long']['cosine_mean']:.4f} | "
+        schedule = r.get("kept_fractions") or r["thresholds"]
+        lines.append(f"| {r['method']} | {r['target_keep']} | {', '.join(f'{f:g}' for f in schedule)} (mean keep {r['mean_keep']}) | {r['long']['cosine_mean']:.4f} | "
                      f"{r['long']['speedup_own_lengths']:.2f}x | {r['random_ids_256_speedup']:.2f}x / {r['random_ids_256_b8_speedup']:.2f}x | {r['short']['cosine_mean']:.4f} | "
                      f"{r['short']['speedup_own_lengths']:.2f}x |")
     lines += ["", f"long: {rows[0]['long']['inputs']}", f"short: {rows[0]['short']['inputs']}", f"command: {document['command']}"]
-    (RESULTS / "tokens.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.results_name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -133,11 +133,11 @@ def ltp(ctx: Context, target: TokensTarget, options: LtpOptions) -> StepResult:
         with torch.no_grad():
             thresholds.clamp_(min=0)  # a negative threshold prunes nothing, as 0 does
         if (done - 1) % max(1, total // 20) == 0 or done == total:
-            log.append({"step": done, "loss": round(loss, 6), "work": round(float(encoder.shrink_soft_work.mean()), 4)})
+            log.append({"step": done, "loss": round(loss, 6), "work": round(float(encoder.shrink_soft_work.detach().mean()), 4)})
 
     def status(loss: float) -> str:
         work = getattr(encoder, "shrink_soft_work", None)
-        return f"loss {loss:.4f}" + (f", token work {float(work.mean()):.3f} -> {target.keep_fraction}" if work is not None else "")
+        return f"loss {loss:.4f}" + (f", token work {float(work.detach().mean()):.3f} -> {target.keep_fraction}" if work is not None else "")
 
     frozen = [] if options.train_model else [p for p in ctx.model.parameters() if p.requires_grad]
     for p in frozen:
@@ -152,7 +152,7 @@ def ltp(ctx: Context, target: TokensTarget, options: LtpOptions) -> StepResult:
     finally:
         for p in frozen:
             p.requires_grad_(True)
-        soft_work = float(encoder.shrink_soft_work.mean()) if hasattr(encoder, "shrink_soft_work") else None
+        soft_work = float(encoder.shrink_soft_work.detach().mean()) if hasattr(encoder, "shrink_soft_work") else None
         uninstall(encoder, original_class)
         ctx.model.eval()
     values = [round(float(t), 4) for t in thresholds.detach().cpu()]
